@@ -1,0 +1,174 @@
+//! Process wiring shared by the `orrery-worker` binary and `orrery dev`:
+//! build the engine from configuration, run queue consumers, run the
+//! scheduler (reconciler + cron), and turn SIGTERM/SIGINT into a graceful stop.
+//!
+//! Nothing here decides what a run does; that is the engine's (`workflows`).
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use anyhow::Context;
+use orrery_workflows::{
+    builtin, config::connect_db, consumer, cron, dispatch::RedisDispatcher, reconciler, Engine,
+    EngineConfig, Registry,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A built engine and the concrete dispatcher behind it (for Redis upkeep).
+pub struct Runtime {
+    pub engine: Arc<Engine>,
+    pub dispatcher: Arc<RedisDispatcher>,
+}
+
+/// Connect to PostgreSQL and Redis and build the engine with every workflow
+/// this build knows.
+pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow::Result<Runtime> {
+    let pool = connect_db(&config).await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL (ORRERY_DATABASE_URL={})",
+            redact(&config.database_url)
+        )
+    })?;
+    let dispatcher = Arc::new(
+        RedisDispatcher::connect(&config.redis_url, &config.namespace)
+            .await
+            .context("cannot connect to Redis (ORRERY_REDIS_URL)")?,
+    );
+    let mut registry = Registry::new();
+    builtin::register(&mut registry, config.test_workflows);
+    let engine = Engine::new(
+        pool,
+        Arc::new(registry),
+        dispatcher.clone(),
+        config,
+        shutdown,
+    );
+    Ok(Runtime { engine, dispatcher })
+}
+
+/// Hide a password in a URL before logging it.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Every queue some registered workflow step uses.
+pub fn all_queues(registry: &Registry) -> Vec<String> {
+    let queues: BTreeSet<String> = registry
+        .names()
+        .filter_map(|n| registry.latest(n))
+        .flat_map(|wf| wf.steps.iter().map(|s| s.queue.clone()).collect::<Vec<_>>())
+        .collect();
+    queues.into_iter().collect()
+}
+
+/// Start one consumer per queue.
+pub fn spawn_consumers(
+    tasks: &mut JoinSet<()>,
+    rt: &Runtime,
+    queues: &[String],
+    shutdown: &CancellationToken,
+) {
+    let engine = rt.engine.clone();
+    tasks.spawn({
+        let listener = engine.spawn_cancel_listener();
+        async move {
+            let _ = listener.await;
+        }
+    });
+    for queue in queues {
+        tasks.spawn(consumer::run_queue(
+            engine.clone(),
+            queue.clone(),
+            engine.config.concurrency,
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Start the reconciler and the cron jobs.
+pub fn spawn_scheduler(
+    tasks: &mut JoinSet<()>,
+    rt: &Runtime,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let engine = &rt.engine;
+    let cfg = &engine.config;
+    tasks.spawn(reconciler::run(
+        engine.pool.clone(),
+        engine.dispatcher.clone(),
+        cfg.redispatch_after,
+        cfg.reconcile_every,
+        shutdown.clone(),
+    ));
+    let (pool, days) = (engine.pool.clone(), cfg.retention_days);
+    let purge = cron::CronJob::new("purge_finished_runs", "0 17 * * * *", move || {
+        let pool = pool.clone();
+        async move {
+            cron::purge_finished_runs(&pool, days)
+                .await
+                .map(|n| format!("{n} finished runs older than {days} days deleted"))
+                .map_err(|e| e.to_string())
+        }
+    })?;
+    let (dispatcher, queues) = (rt.dispatcher.clone(), all_queues(&engine.registry));
+    let vacuum = cron::CronJob::new("redis_vacuum", "30 * * * * *", move || {
+        let (dispatcher, queues) = (dispatcher.clone(), queues.clone());
+        async move {
+            let mut total = 0;
+            for q in &queues {
+                total += dispatcher.vacuum(q).await.map_err(|e| e.to_string())?;
+            }
+            Ok(format!("{total} finished dispatches removed from Redis"))
+        }
+    })?;
+    tasks.spawn(cron::run(
+        engine.pool.clone(),
+        vec![purge, vacuum],
+        engine.worker_id.to_string(),
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// A token fired by SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing current steps, then stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing current steps, then stopping"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,138 @@
+//! Typed configuration read once from environment variables at start-up.
+//!
+//! Every variable has a loopback default so a laptop needs none of them; a
+//! value that does not parse fails start-up with the variable's name.
+
+use std::{str::FromStr, time::Duration};
+
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Read `name`, falling back to `default`; a present but unparsable value is an error.
+pub fn var<T>(name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => {
+            value.trim().parse().map_err(|e: T::Err| ConfigError {
+                name,
+                value,
+                reason: e.to_string(),
+            })
+        }
+        _ => Ok(default),
+    }
+}
+
+fn millis(name: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
+    let ms: u64 = var(name, default_ms)?;
+    if ms == 0 {
+        return Err(ConfigError {
+            name,
+            value: "0".into(),
+            reason: "must be a positive number of milliseconds".into(),
+        });
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// `ORRERY_DATABASE_URL`: the PostgreSQL holding all state.
+    pub database_url: String,
+    /// `ORRERY_REDIS_URL`: the Redis carrying dispatches.
+    pub redis_url: String,
+    /// `ORRERY_NAMESPACE`: prefix of every Redis queue, so several
+    /// installations (or tests) can share one Redis.
+    pub namespace: String,
+    /// `ORRERY_LEASE_MS`: how long a claim lasts without a heartbeat.
+    pub lease: Duration,
+    /// `ORRERY_REDISPATCH_AFTER_MS`: a runnable, unleased run whose last
+    /// dispatch is older than this is dispatched again by the reconciler.
+    pub redispatch_after: Duration,
+    /// `ORRERY_RECONCILE_EVERY_MS`: the reconciler's period.
+    pub reconcile_every: Duration,
+    /// `ORRERY_WORKER_CONCURRENCY`: runs one worker process drives at once, per queue.
+    pub concurrency: usize,
+    /// `ORRERY_DB_POOL`: connections per process.
+    pub db_pool: u32,
+    /// `ORRERY_STUCK_QUEUED_MS`: a queued run not started within this is stuck.
+    pub stuck_queued: Duration,
+    /// `ORRERY_RETENTION_DAYS`: finished runs older than this are purged by cron.
+    pub retention_days: u32,
+    /// `ORRERY_TEST_WORKFLOWS=1`: also register the workflows the test suite
+    /// and the benchmark drive through real worker processes.
+    pub test_workflows: bool,
+}
+
+impl EngineConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let concurrency: usize = var("ORRERY_WORKER_CONCURRENCY", 16)?;
+        if concurrency == 0 {
+            return Err(ConfigError {
+                name: "ORRERY_WORKER_CONCURRENCY",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        let namespace: String = var("ORRERY_NAMESPACE", "orrery".to_string())?;
+        if namespace.contains(':') || namespace.contains(char::is_whitespace) {
+            return Err(ConfigError {
+                name: "ORRERY_NAMESPACE",
+                value: namespace,
+                reason: "must not contain ':' or spaces (it is part of Redis key names)".into(),
+            });
+        }
+        Ok(EngineConfig {
+            database_url: var(
+                "ORRERY_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/orrery".to_string(),
+            )?,
+            redis_url: var("ORRERY_REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
+            namespace,
+            lease: millis("ORRERY_LEASE_MS", 30_000)?,
+            redispatch_after: millis("ORRERY_REDISPATCH_AFTER_MS", 5_000)?,
+            reconcile_every: millis("ORRERY_RECONCILE_EVERY_MS", 1_000)?,
+            concurrency,
+            db_pool: var("ORRERY_DB_POOL", 10)?,
+            stuck_queued: millis("ORRERY_STUCK_QUEUED_MS", 300_000)?,
+            retention_days: var("ORRERY_RETENTION_DAYS", 30)?,
+            test_workflows: var("ORRERY_TEST_WORKFLOWS", false)?,
+        })
+    }
+}
+
+/// Connect a pool to PostgreSQL with the configured size.
+pub async fn connect_db(cfg: &EngineConfig) -> Result<sqlx::PgPool, sqlx::Error> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(cfg.db_pool)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&cfg.database_url)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unparsable_value_names_the_variable() {
+        // A variable name no other test touches, so the process-wide env is safe to set.
+        unsafe_free_set("ORRERY_TEST_ONLY_PARSE", "twelve");
+        let err = var::<u32>("ORRERY_TEST_ONLY_PARSE", 3).unwrap_err();
+        assert!(err.to_string().contains("ORRERY_TEST_ONLY_PARSE"), "{err}");
+        assert_eq!(var::<u32>("ORRERY_TEST_ONLY_MISSING", 3).unwrap(), 3);
+    }
+
+    fn unsafe_free_set(name: &str, value: &str) {
+        // Edition 2021: set_var is safe; tests in this module use distinct names.
+        std::env::set_var(name, value);
+    }
+}

@@ -1,0 +1,133 @@
+//! Dispatch: telling a queue's workers that a run is due, through apalis'
+//! Redis backend.
+//!
+//! A dispatch carries only the run id; the run's state is in PostgreSQL.
+//! Pushing is always done after the run's intent is committed, so a failed
+//! push (Redis down) only delays the run until the reconciler re-dispatches
+//! it, and a duplicate push is harmless because claiming is conditional.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use apalis::prelude::TaskSink;
+use apalis_redis::{Config, ConnectionManager, RedisStorage};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::EngineError;
+
+/// The job apalis carries: "run `run_id` is due".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    pub run_id: Uuid,
+}
+
+/// Anything that can tell a queue's workers a run is due. One real
+/// implementation ([`RedisDispatcher`]); held as `Arc<dyn Dispatcher>`.
+#[async_trait]
+pub trait Dispatcher: Send + Sync + 'static {
+    async fn dispatch(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError>;
+}
+
+/// Redis key prefix of a logical queue. apalis' pub/sub wake-up splits
+/// channel names on ':', so the name must not contain one.
+pub fn redis_queue(namespace: &str, queue: &str) -> String {
+    format!("{namespace}.{queue}")
+}
+
+/// apalis configuration shared by pushers and consumers of one queue.
+pub fn queue_config(namespace: &str, queue: &str) -> Config {
+    Config::default()
+        .queue(redis_queue(namespace, queue))
+        // PostgreSQL keeps the result; Redis need not.
+        .persist_results(false)
+        .heartbeat_interval(Duration::from_secs(5))
+        .missed_heartbeats(3)
+}
+
+pub struct RedisDispatcher {
+    conn: ConnectionManager,
+    namespace: String,
+    storages: Mutex<HashMap<String, RedisStorage<Dispatch>>>,
+}
+
+impl RedisDispatcher {
+    /// Connects lazily-reconnecting: a Redis restart heals by itself.
+    pub async fn connect(redis_url: &str, namespace: &str) -> Result<Self, EngineError> {
+        let conn = apalis_redis::connect(redis_url).await.map_err(|e| {
+            EngineError::Dispatch(format!("cannot connect to Redis at {redis_url}: {e}"))
+        })?;
+        Ok(RedisDispatcher {
+            conn,
+            namespace: namespace.to_owned(),
+            storages: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn storage(&self, queue: &str) -> RedisStorage<Dispatch> {
+        let mut storages = self.storages.lock().expect("dispatcher lock poisoned");
+        storages
+            .entry(queue.to_owned())
+            .or_insert_with(|| {
+                RedisStorage::new(self.conn.clone())
+                    .with_config(queue_config(&self.namespace, queue))
+            })
+            .clone()
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}
+
+#[async_trait]
+impl Dispatcher for RedisDispatcher {
+    async fn dispatch(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError> {
+        let mut storage = self.storage(queue);
+        storage
+            .push(Dispatch { run_id })
+            .await
+            .map_err(|e| EngineError::Dispatch(format!("push to queue `{queue}`: {e}")))?;
+        // apalis-redis 1.0 passes its `emit_events` flag to its push script as
+        // "true", which the script compares with "1", so it never publishes the
+        // wake-up its own pub/sub consumers wait for. Publish it here, on the
+        // channel those consumers subscribe to, so a push wakes them at once.
+        let channel = format!(
+            "tasks:{}:available",
+            queue_config(&self.namespace, queue).active_jobs_list()
+        );
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(run_id.to_string())
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| EngineError::Dispatch(format!("wake queue `{queue}`: {e}")))?;
+        Ok(())
+    }
+}
+
+impl RedisDispatcher {
+    /// Drop finished apalis tasks of `queue` from Redis (their data, metadata
+    /// and the "done" set), so Redis memory stays bounded by in-flight work.
+    pub async fn vacuum(&self, queue: &str) -> Result<usize, EngineError> {
+        use apalis_core::backend::Vacuum;
+        let mut storage = self.storage(queue);
+        let removed = storage
+            .vacuum()
+            .await
+            .map_err(|e| EngineError::Dispatch(format!("vacuum `{queue}`: {e}")))?;
+        let done_set = queue_config(&self.namespace, queue).done_jobs_set();
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(done_set)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| EngineError::Dispatch(format!("vacuum `{queue}`: {e}")))?;
+        Ok(removed)
+    }
+}

@@ -1,0 +1,58 @@
+//! Errors of the engine, in two families.
+//!
+//! [`StepError`] is what a step returns; whether it is retried is decided where
+//! it is born (a timeout is `Retryable`, bad input is `Fatal`). [`EngineError`]
+//! is what the engine's own machinery (database, Redis) can fail with.
+
+use std::fmt;
+
+/// A step's failure, classified by whoever produced it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// Transient: retried with the step's backoff until its attempts run out.
+    #[error("{0}")]
+    Retryable(String),
+    /// Permanent: no retry; compensations run at once.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl StepError {
+    pub fn retryable(msg: impl fmt::Display) -> Self {
+        StepError::Retryable(msg.to_string())
+    }
+
+    pub fn fatal(msg: impl fmt::Display) -> Self {
+        StepError::Fatal(msg.to_string())
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StepError::Retryable(_))
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Retryable(m) | StepError::Fatal(m) => m,
+        }
+    }
+}
+
+/// Failures of the engine itself, not of a step.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("dispatch: {0}")]
+    Dispatch(String),
+    #[error("unknown workflow `{0}`")]
+    UnknownWorkflow(String),
+    #[error("run {0} not found")]
+    UnknownRun(uuid::Uuid),
+    #[error("invalid input for workflow `{workflow}`: {message}")]
+    InvalidInput { workflow: String, message: String },
+    /// An operator action that the run's state does not allow.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
