@@ -1,1 +1,713 @@
+//! The engine against real PostgreSQL, real Redis and real worker processes:
+//! every guarantee of the engine issue, each shown by a run's real outcome.
 
+mod support;
+
+use std::{collections::HashSet, time::Duration};
+
+use orrery_workflows::{
+    cron, reconciler,
+    store::{self, NewRun, ReplayRequest},
+    EngineError, RunState,
+};
+use serde_json::json;
+use support::{PrivateRedis, TestEnv, LEASE_MS};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(30);
+const DONE: &[RunState] = &[RunState::Succeeded, RunState::Failed, RunState::Cancelled];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_spanning_two_queues_run_to_success_on_two_worker_processes() {
+    let mut env = TestEnv::new("two_queues").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    env.spawn_worker(&["--queues", "beta"]);
+    let id = env
+        .submit("test.two_queues", json!({ "effects": env.effects_path() }))
+        .await;
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let effects = env.effects_of(id);
+    let order: Vec<&str> = effects.iter().map(|e| e.what.as_str()).collect();
+    assert_eq!(order, ["a", "b", "c"]);
+    assert_eq!(
+        effects[0].worker, effects[2].worker,
+        "alpha steps ran on the alpha worker"
+    );
+    assert_ne!(
+        effects[0].worker, effects[1].worker,
+        "the beta step ran on the other process"
+    );
+    assert_eq!(run.output.unwrap()["step"], "c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_step_is_finished_by_another_from_the_last_checkpoint() {
+    let mut env = TestEnv::new("sigkill").await;
+    let doomed = env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 1200 }),
+        )
+        .await;
+    env.wait_until("step `two` to start", T, || async {
+        env.count(id, "two") == 1
+    })
+    .await;
+    env.workers[doomed].child.kill().unwrap(); // SIGKILL
+    env.workers[doomed].child.wait().unwrap();
+    let checkpointed_before: Vec<String> = store::steps(&env.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.output.is_some())
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(checkpointed_before, ["one"]);
+    env.spawn_worker(&["--queues", "alpha"]);
+    env.spawn_worker(&["--scheduler"]);
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    assert_eq!(
+        env.count(id, "one"),
+        1,
+        "a checkpointed step never runs twice"
+    );
+    assert_eq!(env.count(id, "two"), 2, "the interrupted step runs again");
+    assert_eq!(env.count(id, "three"), 1);
+    assert_eq!(env.count(id, "four"), 1);
+    let killed_worker = &env.effects_of(id)[0].worker;
+    assert!(env.effects_of(id)[2..]
+        .iter()
+        .all(|e| &e.worker != killed_worker));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_dispatch_delivered_twice_runs_each_step_once() {
+    let env = TestEnv::new("duplicate").await;
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 50 }),
+        )
+        .await;
+    // Two deliveries of the same dispatch racing in one process, plus more through Redis later.
+    let engine = env.rt.engine.clone();
+    let (a, b) = (engine.clone(), engine.clone());
+    tokio::join!(a.handle("alpha", id), b.handle("alpha", id));
+    let run = env.run(id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    engine.handle("alpha", id).await; // a late duplicate of a finished run
+    for step in ["one", "two", "three", "four"] {
+        assert_eq!(env.count(id, step), 1, "step {step}");
+    }
+    assert_eq!(
+        env.run(id).await.fence,
+        run.fence,
+        "the late duplicate claimed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
+    let mut env = TestEnv::new("paused").await;
+    let paused = env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
+        )
+        .await;
+    env.wait_until("step `one` to start", T, || async {
+        env.count(id, "one") == 1
+    })
+    .await;
+    env.workers[paused].signal("STOP");
+    let paused_id = env.effects_of(id)[0].worker.clone();
+    env.spawn_worker(&["--queues", "alpha"]);
+    env.spawn_worker(&["--scheduler"]);
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded);
+    let fence = run.fence;
+    env.workers[paused].signal("CONT");
+    env.wait_until(
+        "the paused worker to notice it lost the lease",
+        T,
+        || async {
+            let log = env.workers[paused].log_text();
+            log.contains("lease lost") || log.contains("fence moved")
+        },
+    )
+    .await;
+    let after = env.run(id).await;
+    assert_eq!((after.state, after.fence), (RunState::Succeeded, fence));
+    for step in store::steps(&env.pool, id).await.unwrap() {
+        let worker = step.output.as_ref().unwrap()["worker"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(
+            worker, paused_id,
+            "step {} was committed by the paused worker",
+            step.step
+        );
+        assert_eq!(
+            step.attempts, 1,
+            "step {} has one committed attempt",
+            step.step
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_with_100_runs_in_flight_loses_none() {
+    let redis = PrivateRedis::start().await;
+    let mut env = TestEnv::with_redis("flushall", &redis.url).await;
+    env.spawn_worker(&["--queues", "alpha,beta"]);
+    env.spawn_worker(&["--queues", "alpha,beta"]);
+    env.spawn_worker(&["--scheduler"]);
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(
+            env.submit("test.two_queues", json!({ "sleep_ms": 150 }))
+                .await,
+        );
+    }
+    env.wait_until("some runs to be under way", T, || async {
+        let busy: i64 = sqlx::query_scalar("SELECT count(*) FROM step_checkpoints")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        busy >= 10
+    })
+    .await;
+    redis.flushall().await;
+    let unfinished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM runs WHERE state NOT IN ('succeeded')")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(unfinished > 0, "the flush must hit runs in flight");
+    for id in &ids {
+        let run = env.wait_state(*id, DONE, Duration::from_secs(90)).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_back_off_then_succeed() {
+    let mut env = TestEnv::new("retry").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.saga",
+            json!({ "effects": env.effects_path(), "fail_times": 2 }),
+        )
+        .await;
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let s3: Vec<_> = env
+        .effects_of(id)
+        .into_iter()
+        .filter(|e| e.what == "s3")
+        .collect();
+    assert_eq!(s3.iter().map(|e| e.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    // Backoff without jitter: 100 ms then 200 ms.
+    assert!(s3[1].at_ms - s3[0].at_ms >= 100, "{s3:?}");
+    assert!(s3[2].at_ms - s3[1].at_ms >= 200, "{s3:?}");
+    let step = store::steps(&env.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.step == "s3")
+        .unwrap();
+    assert_eq!(step.attempts, 3);
+    assert_eq!(step.last_error.as_deref(), Some("transient failure 2"));
+    let retries = store::history(&env.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.event == "step_retrying")
+        .count();
+    assert_eq!(retries, 2);
+    assert_eq!(
+        env.count(id, "undo-s1") + env.count(id, "undo-s2"),
+        0,
+        "no compensation on success"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_failure_compensates_in_reverse_and_fails_with_the_error() {
+    let mut env = TestEnv::new("fatal").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.saga",
+            json!({ "effects": env.effects_path(), "fail_at": "s3" }),
+        )
+        .await;
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("step `s3` failed: s3 hit a fatal error")
+    );
+    let order: Vec<String> = env.effects_of(id).into_iter().map(|e| e.what).collect();
+    assert_eq!(
+        order,
+        ["s1", "s2", "s3", "undo-s2", "undo-s1"],
+        "fatal: no retry; undo in reverse"
+    );
+    let steps = store::steps(&env.pool, id).await.unwrap();
+    assert!(steps
+        .iter()
+        .filter(|s| s.step != "s3")
+        .all(|s| s.compensated_at.is_some()));
+}
+
+async fn cancel_during_long_step(ignore_cancel: bool) {
+    let mut env = TestEnv::new(if ignore_cancel {
+        "cancel_ignored"
+    } else {
+        "cancel"
+    })
+    .await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let input = json!({ "effects": env.effects_path(), "sleep_ms": 60_000, "ignore_cancel": ignore_cancel });
+    let id = env.submit("test.cancellable", input).await;
+    env.wait_until("the long step to start", T, || async {
+        env.count(id, "long") == 1
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    env.rt
+        .engine
+        .cancel(id, "alice", Some("wrong size"))
+        .await
+        .unwrap();
+    let run = env.wait_state(id, DONE, T).await;
+    let took = asked.elapsed();
+    assert_eq!(run.state, RunState::Cancelled, "{run:?}");
+    assert_eq!(run.error.as_deref(), Some("cancelled by alice: wrong size"));
+    let grace = Duration::from_millis(1500);
+    assert!(took < grace + Duration::from_secs(3), "took {took:?}");
+    if ignore_cancel {
+        assert!(
+            took >= grace,
+            "a step ignoring its token is given its grace period ({took:?})"
+        );
+    }
+    let order: Vec<String> = env.effects_of(id).into_iter().map(|e| e.what).collect();
+    assert_eq!(order, ["prepare", "long", "undo-long", "undo-prepare"]);
+    let audit: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operator_audit WHERE action = 'cancel' AND actor = 'alice'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_during_a_long_step_stops_it_runs_compensations_and_ends_cancelled() {
+    cancel_during_long_step(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_ignoring_its_cancel_token_is_dropped_after_its_grace_period() {
+    cancel_during_long_step(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_that_waits_in_the_queue_compensates_nothing_and_ends_cancelled() {
+    let env = TestEnv::new("cancel_queued").await; // no worker: the run stays queued
+    let id = env
+        .submit("test.cancellable", json!({ "effects": env.effects_path() }))
+        .await;
+    env.rt.engine.cancel(id, "bob", None).await.unwrap();
+    assert_eq!(env.run(id).await.state, RunState::Cancelling);
+    env.rt.engine.handle("alpha", id).await;
+    let run = env.run(id).await;
+    assert_eq!(run.state, RunState::Cancelled);
+    // Nothing ran, but compensations are idempotent and run from the cursor down.
+    assert_eq!(env.count(id, "prepare"), 0);
+    assert!(matches!(
+        env.rt.engine.cancel(id, "bob", None).await,
+        Err(EngineError::Conflict(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_step_reuses_earlier_checkpoints_and_runs_it_onwards() {
+    let mut env = TestEnv::new("replay").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let effects = env.effects_path();
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": effects, "fail_at": "three" }),
+        )
+        .await;
+    assert_eq!(env.wait_state(id, DONE, T).await.state, RunState::Failed);
+    let req = ReplayRequest {
+        from_step: Some("two".into()),
+        input: Some(json!({ "effects": effects })),
+        force: false,
+        reason: Some("fixed the input".into()),
+    };
+    let outcome = env.rt.engine.replay(id, &req, "carol").await.unwrap();
+    assert_eq!((outcome.from_index, outcome.from_step.as_str()), (1, "two"));
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    assert_eq!(
+        ["one", "two", "three", "four"].map(|s| env.count(id, s)),
+        [1, 2, 2, 1],
+        "steps before K reused, K onwards run again"
+    );
+    assert_eq!(run.replays, 1);
+    let events: Vec<String> = store::history(&env.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.event)
+        .collect();
+    assert!(
+        events.contains(&"unwinding".to_owned()) && events.contains(&"replayed".to_owned()),
+        "{events:?}"
+    );
+    let (actor, reason): (String, Option<String>) = sqlx::query_as(
+        "SELECT actor, reason FROM operator_audit WHERE action = 'replay' AND run_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (actor.as_str(), reason.as_deref()),
+        ("carol", Some("fixed the input"))
+    );
+
+    // Default: from the failed step.
+    let id2 = env
+        .submit(
+            "test.chain",
+            json!({ "effects": effects, "fail_at": "four" }),
+        )
+        .await;
+    assert_eq!(env.wait_state(id2, DONE, T).await.state, RunState::Failed);
+    let req = ReplayRequest {
+        input: Some(json!({ "effects": effects })),
+        ..Default::default()
+    };
+    assert_eq!(
+        env.rt
+            .engine
+            .replay(id2, &req, "carol")
+            .await
+            .unwrap()
+            .from_step,
+        "four"
+    );
+    assert_eq!(
+        env.wait_state(id2, DONE, T).await.state,
+        RunState::Succeeded
+    );
+    assert_eq!(
+        ["one", "two", "three", "four"].map(|s| env.count(id2, s)),
+        [1, 1, 1, 2]
+    );
+
+    // Refusals say what to do.
+    match env
+        .rt
+        .engine
+        .replay(id2, &ReplayRequest::default(), "carol")
+        .await
+    {
+        Err(EngineError::Conflict(m)) => assert!(m.contains("only failed or cancelled"), "{m}"),
+        other => panic!("replaying a succeeded run: {other:?}"),
+    }
+    let id3 = env.submit("test.chain", json!({ "fail_at": "one" })).await;
+    env.wait_state(id3, DONE, T).await;
+    let bad = ReplayRequest {
+        from_step: Some("five".into()),
+        ..Default::default()
+    };
+    match env.rt.engine.replay(id3, &bad, "carol").await {
+        Err(EngineError::BadRequest(m)) => assert!(m.contains("one, two, three, four"), "{m}"),
+        other => panic!("unknown step: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_refuses_to_reuse_a_step_its_compensation_undid() {
+    let mut env = TestEnv::new("replay_comp").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let id = env.submit("test.saga", json!({ "fail_at": "s3" })).await;
+    assert_eq!(env.wait_state(id, DONE, T).await.state, RunState::Failed);
+    match env
+        .rt
+        .engine
+        .replay(id, &ReplayRequest::default(), "dave")
+        .await
+    {
+        Err(EngineError::Conflict(m)) => assert!(m.contains("`s1`"), "{m}"),
+        other => panic!("expected a conflict: {other:?}"),
+    }
+    let from_start = ReplayRequest {
+        from_step: Some("s1".into()),
+        input: Some(json!({})),
+        ..Default::default()
+    };
+    env.rt.engine.replay(id, &from_start, "dave").await.unwrap();
+    assert_eq!(env.wait_state(id, DONE, T).await.state, RunState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_over_ten_items_where_two_fail_once_reruns_only_those_two() {
+    let mut env = TestEnv::new("fanout").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let input = json!({ "effects": env.effects_path(), "items": 10, "fail_once": ["h03", "h07"], "sleep_ms": 100 });
+    let id = env.submit("test.fanout", input).await;
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    for i in 0..10 {
+        let key = format!("h{i:02}");
+        let expected = if key == "h03" || key == "h07" { 2 } else { 1 };
+        assert_eq!(env.count(id, &key), expected, "item {key}");
+    }
+    assert_eq!(run.output.unwrap().as_object().unwrap().len(), 10);
+    let step = &store::steps(&env.pool, id).await.unwrap()[0];
+    assert_eq!(step.attempts, 2);
+    assert!(
+        step.last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("2 of 10 items failed: h03"),
+        "{step:?}"
+    );
+    // Bounded concurrency: 4 at a time, so ten 100 ms items take at least three waves.
+    let first: Vec<_> = env
+        .effects_of(id)
+        .into_iter()
+        .filter(|e| e.attempt == 1)
+        .collect();
+    let span =
+        first.iter().map(|e| e.at_ms).max().unwrap() - first.iter().map(|e| e.at_ms).min().unwrap();
+    assert!(
+        span >= 200,
+        "items started over {span} ms: concurrency was not bounded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_step_parks_the_run_without_holding_a_worker_and_keeps_history_bounded() {
+    let mut env = TestEnv::new("waiting").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.wait",
+            json!({ "effects": env.effects_path(), "polls": 4, "sleep_ms": 400 }),
+        )
+        .await;
+    env.wait_until("the run to park", T, || async {
+        env.run(id).await.state == RunState::Waiting
+    })
+    .await;
+    let (owner, wake): (Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT lease_owner, wake_at FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        owner.is_none() && wake.is_some(),
+        "a parked run holds no lease"
+    );
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(env.count(id, "poll"), 5);
+    let step = &store::steps(&env.pool, id).await.unwrap()[0];
+    assert_eq!((step.polls, step.attempts), (4, 1));
+    let waits = store::history(&env.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.event == "step_waiting")
+        .count();
+    assert_eq!(waits, 1, "polls do not grow history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_never_crashes_a_worker() {
+    let mut env = TestEnv::new("bad_input").await;
+    let worker = env.spawn_worker(&["--queues", "alpha"]);
+    // A dispatch naming a run that does not exist.
+    let ghost = Uuid::new_v4();
+    env.rt
+        .engine
+        .dispatcher
+        .dispatch("alpha", ghost)
+        .await
+        .unwrap();
+    // A job on the queue that is not a dispatch at all.
+    {
+        use apalis::prelude::TaskSink;
+        let conn = apalis_redis::connect(env.redis_url.as_str()).await.unwrap();
+        let mut raw = apalis_redis::RedisStorage::<serde_json::Value>::new(conn).with_config(
+            orrery_workflows::dispatch::queue_config(&env.namespace, "alpha"),
+        );
+        raw.push(json!({ "nonsense": true })).await.unwrap();
+    }
+    // A run of a workflow this worker does not know.
+    let unknown = NewRun {
+        id: Uuid::new_v4(),
+        workflow: "nope".into(),
+        workflow_version: 1,
+        input: json!({}),
+        queue: "alpha".into(),
+        created_by: None,
+        stuck_in: Duration::from_secs(60),
+    };
+    store::insert_run(&mut *env.pool.acquire().await.unwrap(), &unknown)
+        .await
+        .unwrap();
+    env.rt
+        .engine
+        .dispatcher
+        .dispatch("alpha", unknown.id)
+        .await
+        .unwrap();
+    // A step input that does not deserialize.
+    let typed = env.submit("test.typed", json!({ "count": "three" })).await;
+    let run = env.wait_state(typed, DONE, T).await;
+    assert_eq!(run.state, RunState::Failed);
+    let error = run.error.unwrap();
+    assert!(
+        error.contains("field `count`") && error.contains("expected u32"),
+        "{error}"
+    );
+
+    env.wait_until(
+        "the worker to log the unknown run and workflow",
+        T,
+        || async {
+            let log = env.workers[worker].log_text();
+            log.contains("unknown run")
+                && log.contains("does not know the run's workflow")
+                && log.contains("malformed job on the queue; dropped")
+        },
+    )
+    .await;
+    assert!(
+        !env.workers[worker]
+            .log_text()
+            .contains("apalis worker failed"),
+        "a malformed job must not stop the consumer"
+    );
+    let stray = env.run(unknown.id).await;
+    assert_eq!(
+        stray.state,
+        RunState::Queued,
+        "left for a worker that knows it"
+    );
+    // The worker is still alive and working.
+    assert!(
+        env.workers[worker].child.try_wait().unwrap().is_none(),
+        "worker exited"
+    );
+    let ok = env.submit("test.chain", json!({})).await;
+    assert_eq!(env.wait_state(ok, DONE, T).await.state, RunState::Succeeded);
+
+    // Submissions are checked before anything is written.
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    match env
+        .rt
+        .engine
+        .submit("demo", json!({ "hosts": "many" }), None)
+        .await
+    {
+        Err(EngineError::InvalidInput { message, .. }) => {
+            assert!(message.contains("`hosts`"), "{message}")
+        }
+        other => panic!("bad demo input: {other:?}"),
+    }
+    assert!(matches!(
+        env.rt.engine.submit("no.such", json!({}), None).await,
+        Err(EngineError::UnknownWorkflow(_))
+    ));
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(before, after, "refused submissions write nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reconcilers_each_pick_a_due_run_once_and_cron_ticks_fire_once() {
+    let env = TestEnv::new("reconcile").await;
+    let mut ids = HashSet::new();
+    for _ in 0..50 {
+        ids.insert(env.submit("test.chain", json!({})).await);
+    }
+    // Pretend every dispatch was lost long ago.
+    sqlx::query("UPDATE runs SET dispatched_at = now() - interval '1 hour'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        reconciler::due_runs(&env.pool, Duration::from_secs(5)),
+        reconciler::due_runs(&env.pool, Duration::from_secs(5))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let a: HashSet<Uuid> = a.into_iter().map(|(id, _)| id).collect();
+    let b: HashSet<Uuid> = b.into_iter().map(|(id, _)| id).collect();
+    assert!(a.is_disjoint(&b), "a run was picked by two reconcilers");
+    assert_eq!(&a | &b, ids);
+    assert!(reconciler::due_runs(&env.pool, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let tick: chrono::DateTime<chrono::Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let (x, y) = tokio::join!(
+        cron::claim_tick(&env.pool, "job", tick, "s1"),
+        cron::claim_tick(&env.pool, "job", tick, "s2")
+    );
+    assert_eq!([x.unwrap(), y.unwrap()].iter().filter(|f| **f).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_worker_died_is_stuck_until_reclaimed_and_listed_as_such() {
+    let env = TestEnv::new("stuck").await;
+    let id = env.submit("test.chain", json!({})).await;
+    // A worker claimed it and vanished; its lease and stuck bound passed long ago.
+    sqlx::query(
+        "UPDATE runs SET state = 'running', lease_owner = 'gone', lease_until = now() - interval '1 minute',
+             stuck_after = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let stuck = store::list_runs(
+        &env.pool,
+        &store::RunFilter {
+            stuck: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(stuck.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    env.rt.engine.handle("alpha", id).await;
+    let run = env.run(id).await;
+    assert_eq!(run.state, RunState::Succeeded);
+    assert!(!run.stuck);
+    let _ = LEASE_MS;
+}

@@ -110,7 +110,7 @@ pub struct TestInput {
     pub polls: u32,
 }
 
-/// Append `line` to the effects file, if the input names one.
+/// Append `run step worker attempt epoch_ms` to the effects file, if the input names one.
 pub fn effect(input: &TestInput, ctx: &StepCtx, what: &str) -> Result<(), StepError> {
     let Some(path) = &input.effects else {
         return Ok(());
@@ -120,9 +120,19 @@ pub fn effect(input: &TestInput, ctx: &StepCtx, what: &str) -> Result<(), StepEr
         .append(true)
         .open(path)
         .map_err(|e| StepError::fatal(format!("effects file {path}: {e}")))?;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
     // One write per line, so concurrent processes never interleave a line.
-    f.write_all(format!("{} {what} {} {}\n", ctx.run_id, ctx.worker_id, ctx.attempt).as_bytes())
-        .map_err(|e| StepError::fatal(format!("effects file {path}: {e}")))
+    f.write_all(
+        format!(
+            "{} {what} {} {} {ms}\n",
+            ctx.run_id, ctx.worker_id, ctx.attempt
+        )
+        .as_bytes(),
+    )
+    .map_err(|e| StepError::fatal(format!("effects file {path}: {e}")))
 }
 
 /// Sleep `ms`, waking early when the step is cancelled (unless told to ignore it).
@@ -140,12 +150,19 @@ async fn work(ctx: &StepCtx, input: &TestInput) {
 
 /// A step that records itself, works, and fails if `fail_at` names it.
 fn plain(name: &'static str, queue: &str) -> Step {
+    recorded(name, queue, true)
+}
+
+/// Like [`plain`], but `works` says whether it spends `sleep_ms`.
+fn recorded(name: &'static str, queue: &str, works: bool) -> Step {
     Step::new(
         name,
         queue,
         move |ctx: StepCtx, input: TestInput| async move {
             effect(&input, &ctx, name)?;
-            work(&ctx, &input).await;
+            if works {
+                work(&ctx, &input).await;
+            }
             if input.fail_at.as_deref() == Some(name) {
                 return Err(StepError::fatal(format!("{name} was told to fail")));
             }
@@ -198,7 +215,7 @@ fn test_workflows_all() -> Vec<Workflow> {
             ),
         // Cancellation during a long step.
         Workflow::new("test.cancellable", 1)
-            .step(plain("prepare", "alpha").compensate(undo("prepare")))
+            .step(recorded("prepare", "alpha", false).compensate(undo("prepare")))
             .step(
                 plain("long", "alpha")
                     .compensate(undo("long"))

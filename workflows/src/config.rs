@@ -31,6 +31,22 @@ where
     }
 }
 
+/// A boolean variable: 1/0, true/false, yes/no, on/off.
+pub fn flag(name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError {
+                name,
+                value,
+                reason: "expected 1/0, true/false, yes/no or on/off".into(),
+            }),
+        },
+        _ => Ok(default),
+    }
+}
+
 fn millis(name: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
     let ms: u64 = var(name, default_ms)?;
     if ms == 0 {
@@ -104,7 +120,7 @@ impl EngineConfig {
             db_pool: var("ORRERY_DB_POOL", 10)?,
             stuck_queued: millis("ORRERY_STUCK_QUEUED_MS", 300_000)?,
             retention_days: var("ORRERY_RETENTION_DAYS", 30)?,
-            test_workflows: var("ORRERY_TEST_WORKFLOWS", false)?,
+            test_workflows: flag("ORRERY_TEST_WORKFLOWS", false)?,
         })
     }
 }

@@ -13,7 +13,7 @@ use apalis_redis::factory::RedisStorageFactory;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dispatch::{queue_config, Dispatch},
+    dispatch::{queue_config, Job},
     executor::Engine,
 };
 
@@ -24,7 +24,14 @@ struct QueueHandler {
     queue: Arc<str>,
 }
 
-async fn handle(job: Dispatch, handler: Data<QueueHandler>) -> Result<(), BoxDynError> {
+async fn handle(job: Job, handler: Data<QueueHandler>) -> Result<(), BoxDynError> {
+    let job = match job {
+        Job::Dispatch(dispatch) => dispatch,
+        Job::Invalid(value) => {
+            tracing::warn!(queue = %handler.queue, job = %value, "malformed job on the queue; dropped");
+            return Ok(());
+        }
+    };
     // Spawned so runs of one queue spread over all cores; apalis' concurrency
     // limit still bounds how many run at once.
     let (engine, queue) = (handler.engine.clone(), handler.queue.clone());
@@ -77,7 +84,7 @@ async fn consume_once(
 ) -> Result<(), BoxDynError> {
     let client = redis::Client::open(resp3(&engine.config.redis_url).as_str())?;
     let mut factory = RedisStorageFactory::new(client).await?;
-    let backend = BackendFactory::<Dispatch>::create_with_config(
+    let backend = BackendFactory::<Job>::create_with_config(
         &mut factory,
         queue_config(&engine.config.namespace, queue),
     )?;

@@ -22,6 +22,16 @@ pub struct Dispatch {
     pub run_id: Uuid,
 }
 
+/// What a consumer reads from a queue: a dispatch, or anything else that
+/// landed there. Decoding never fails for JSON, so one malformed job (a
+/// "poison pill") is logged and dropped instead of stopping the consumer.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Job {
+    Dispatch(Dispatch),
+    Invalid(serde_json::Value),
+}
+
 /// Anything that can tell a queue's workers a run is due. One real
 /// implementation ([`RedisDispatcher`]); held as `Arc<dyn Dispatcher>`.
 #[async_trait]

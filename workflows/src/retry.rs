@@ -82,9 +82,9 @@ mod tests {
             .attempts(4)
             .delays(Duration::from_millis(100), Duration::from_secs(10))
             .without_jitter();
-        assert_eq!(policy.delay_after(1), Some(Duration::from_millis(100)));
-        assert_eq!(policy.delay_after(2), Some(Duration::from_millis(200)));
-        assert_eq!(policy.delay_after(3), Some(Duration::from_millis(400)));
+        // backon computes in f32: compare whole milliseconds.
+        let ms = |n| policy.delay_after(n).map(|d| d.as_millis());
+        assert_eq!([ms(1), ms(2), ms(3)], [Some(100), Some(200), Some(400)]);
         assert_eq!(policy.delay_after(4), None);
     }
 

@@ -377,7 +377,7 @@ impl Registry {
 mod tests {
     use super::*;
 
-    #[derive(serde::Deserialize)]
+    #[derive(Debug, serde::Deserialize)]
     #[allow(dead_code)]
     struct Input {
         size: u32,

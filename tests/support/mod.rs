@@ -1,0 +1,359 @@
+//! Test harness: each test gets its own PostgreSQL database (migrated with
+//! the one `MIGRATOR`), its own Redis namespace, a scratch folder for logs
+//! and effects files, an in-process engine for submitting and operating on
+//! runs, and real `orrery-worker` processes that it kills when dropped.
+//! Waiting is polling with a deadline, never a fixed sleep.
+//!
+//! `ORRERY_TEST_ADMIN_URL` (default postgres://postgres@127.0.0.1:5432/postgres)
+//! and `ORRERY_TEST_REDIS_URL` (default redis://127.0.0.1:6379) say where the
+//! servers are. Worker logs are printed when a test fails.
+
+#![allow(dead_code, clippy::print_stdout)]
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use orrery_workers::Runtime;
+use orrery_workflows::{
+    store::{self, RunSummary},
+    EngineConfig, RunState, MIGRATOR,
+};
+use serde_json::Value;
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const LEASE_MS: u64 = 2000;
+
+pub fn admin_url() -> String {
+    std::env::var("ORRERY_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn default_redis_url() -> String {
+    std::env::var("ORRERY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One line of an effects file: a step (or item, or compensation) execution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effect {
+    pub run_id: Uuid,
+    pub what: String,
+    pub worker: String,
+    pub attempt: u32,
+    pub at_ms: u128,
+}
+
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub struct TestEnv {
+    pub name: String,
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub redis_url: String,
+    pub namespace: String,
+    pub dir: PathBuf,
+    pub rt: Runtime,
+    pub workers: Vec<Worker>,
+    shutdown: CancellationToken,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> Self {
+        Self::with_redis(name, &default_redis_url()).await
+    }
+
+    pub async fn with_redis(name: &str, redis_url: &str) -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        let db_name = format!("orrery_t_{}_{}", name, &suffix[..10]);
+        let mut admin = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL must be reachable (run scripts/setup.sh)");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let base = admin_url();
+        let db_url = format!("{}/{db_name}", &base[..base.rfind('/').unwrap()]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&db_url)
+            .await
+            .unwrap();
+        MIGRATOR.run(&pool).await.unwrap();
+        let dir = std::env::temp_dir().join(format!("orrery-test-{name}-{}", &suffix[..10]));
+        std::fs::create_dir_all(&dir).unwrap();
+        let namespace = format!("t{}", &suffix[..12]);
+        let config = EngineConfig {
+            database_url: db_url.clone(),
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.clone(),
+            lease: Duration::from_millis(LEASE_MS),
+            redispatch_after: Duration::from_millis(1000),
+            reconcile_every: Duration::from_millis(200),
+            concurrency: 16,
+            db_pool: 5,
+            stuck_queued: Duration::from_secs(300),
+            retention_days: 30,
+            test_workflows: true,
+        };
+        let shutdown = CancellationToken::new();
+        let rt = orrery_workers::start(config, shutdown.clone())
+            .await
+            .unwrap();
+        TestEnv {
+            name: name.to_owned(),
+            db_name,
+            db_url,
+            pool,
+            redis_url: redis_url.to_owned(),
+            namespace,
+            dir,
+            rt,
+            workers: Vec::new(),
+            shutdown,
+        }
+    }
+
+    pub fn effects_path(&self) -> String {
+        self.dir.join("effects.log").to_string_lossy().into_owned()
+    }
+
+    /// Start an `orrery-worker` process with this test's database and namespace.
+    pub fn spawn_worker(&mut self, args: &[&str]) -> usize {
+        let index = self.workers.len();
+        let log = self.dir.join(format!("worker-{index}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_orrery-worker"))
+            .args(args)
+            .env("ORRERY_DATABASE_URL", &self.db_url)
+            .env("ORRERY_REDIS_URL", &self.redis_url)
+            .env("ORRERY_NAMESPACE", &self.namespace)
+            .env("ORRERY_LEASE_MS", LEASE_MS.to_string())
+            .env("ORRERY_REDISPATCH_AFTER_MS", "1000")
+            .env("ORRERY_RECONCILE_EVERY_MS", "200")
+            .env("ORRERY_DB_POOL", "8")
+            .env("ORRERY_TEST_WORKFLOWS", "1")
+            .env("RUST_LOG", "info,orrery_workflows=debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("orrery-worker binary");
+        self.workers.push(Worker { child, log });
+        index
+    }
+
+    pub async fn submit(&self, workflow: &str, input: Value) -> Uuid {
+        self.rt
+            .engine
+            .submit(workflow, input, Some("test"))
+            .await
+            .unwrap()
+    }
+
+    pub async fn run(&self, id: Uuid) -> RunSummary {
+        store::get_run(&self.pool, id)
+            .await
+            .unwrap()
+            .expect("run exists")
+    }
+
+    /// Wait until the run is in one of `states`; panics with the run on timeout.
+    pub async fn wait_state(&self, id: Uuid, states: &[RunState], timeout: Duration) -> RunSummary {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let run = self.run(id).await;
+            if states.contains(&run.state) {
+                return run;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("run {id} not in {states:?} after {timeout:?}: {run:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Wait until `check` returns true; panics naming `what` on timeout.
+    pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !check().await {
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn effects(&self) -> Vec<Effect> {
+        let text = std::fs::read_to_string(self.effects_path()).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let p: Vec<&str> = l.split(' ').collect();
+                Effect {
+                    run_id: p[0].parse().unwrap(),
+                    what: p[1].to_owned(),
+                    worker: p[2].to_owned(),
+                    attempt: p[3].parse().unwrap(),
+                    at_ms: p[4].parse().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn effects_of(&self, id: Uuid) -> Vec<Effect> {
+        self.effects()
+            .into_iter()
+            .filter(|e| e.run_id == id)
+            .collect()
+    }
+
+    /// How many times `what` ran for run `id`.
+    pub fn count(&self, id: Uuid, what: &str) -> usize {
+        self.effects_of(id)
+            .iter()
+            .filter(|e| e.what == what)
+            .count()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for w in &mut self.workers {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(w.child.id().to_string())
+                .status();
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+        if std::thread::panicking() {
+            for (i, w) in self.workers.iter().enumerate() {
+                let text = w.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                println!(
+                    "---- {} worker {i} log (last 60 lines, newest first) ----",
+                    self.name
+                );
+                for line in tail {
+                    println!("{line}");
+                }
+            }
+            println!("---- logs and effects kept in {} ----", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        let db = self.db_name.clone();
+        // Drop runs outside the test's runtime, which may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A private `redis-server` on a free loopback port, for tests that flush it.
+pub struct PrivateRedis {
+    child: Child,
+    pub url: String,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run scripts/setup.sh)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(url.as_str()) {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        PrivateRedis { child, url }
+    }
+
+    pub async fn flushall(&self) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
