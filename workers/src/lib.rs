@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use anyhow::Context;
 use orrery_workflows::{
     builtin, config::connect_db, consumer, cron, dispatch::RedisDispatcher, reconciler, Engine,
-    EngineConfig, Registry,
+    EngineConfig, Registry, Services,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -36,9 +36,11 @@ pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow:
     );
     let mut registry = Registry::new();
     builtin::register(&mut registry, config.test_workflows);
+    let services = Services::new();
     let engine = Engine::new(
         pool,
         Arc::new(registry),
+        services,
         dispatcher.clone(),
         config,
         shutdown,

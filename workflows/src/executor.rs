@@ -33,7 +33,7 @@ use crate::{
     lifecycle::{self, replay::ReplayOutcome, Cursor, Next, Timing},
     state::RunState,
     store::{self, Beat, ClaimedRun, NewRun, ReplayRequest},
-    workflow::{Progress, Registry, StepBody, StepCtx, Workflow},
+    workflow::{Progress, Registry, Services, StepBody, StepCtx, Workflow},
     writer::{CheckpointWriter, RunUpdate},
 };
 
@@ -49,6 +49,8 @@ struct RunSignals {
 pub struct Engine {
     pub pool: PgPool,
     pub registry: Arc<Registry>,
+    /// External systems steps reach through `ctx.service::<T>()`.
+    pub services: Arc<Services>,
     /// Where dispatches go (Redis through apalis in every real process).
     pub dispatcher: Arc<dyn Dispatcher>,
     pub config: EngineConfig,
@@ -115,13 +117,16 @@ async fn guarded<T, F: std::future::Future<Output = Result<T, StepError>>>(
 }
 
 impl Engine {
+    /// `services` gets the pool added; steps find it with `ctx.service::<PgPool>()`.
     pub fn new(
         pool: PgPool,
         registry: Arc<Registry>,
+        mut services: Services,
         dispatcher: Arc<dyn Dispatcher>,
         config: EngineConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        services.insert(pool.clone());
         let timing = Timing {
             lease: config.lease,
             stuck_queued: config.stuck_queued,
@@ -136,6 +141,7 @@ impl Engine {
             writer: CheckpointWriter::spawn(pool.clone()),
             pool,
             registry,
+            services: Arc::new(services),
             dispatcher,
             worker_id: new_worker_id().into(),
             claim_stuck_in: timing.running(longest),
@@ -523,6 +529,7 @@ impl Engine {
             cancel: token,
             input: input.clone(),
             outputs: Arc::new(outputs.clone()),
+            services: self.services.clone(),
         }
     }
 

@@ -19,6 +19,7 @@
 //! PostgreSQL is the only source of truth. Redis carries nothing but "run X is
 //! due on queue Q"; losing it loses no work (the reconciler re-dispatches).
 
+pub mod ambari;
 pub mod builtin;
 pub mod config;
 pub mod consumer;
@@ -26,9 +27,11 @@ pub mod cron;
 pub mod dispatch;
 pub mod error;
 pub mod executor;
+pub mod infra;
 pub mod lifecycle;
 pub mod reconciler;
 pub mod retry;
+pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod telemetry;
@@ -39,7 +42,7 @@ pub use config::EngineConfig;
 pub use error::{EngineError, StepError};
 pub use executor::Engine;
 pub use state::RunState;
-pub use workflow::{Progress, Registry, Step, StepCtx, Workflow};
+pub use workflow::{Progress, Registry, Services, Step, StepCtx, Workflow};
 
 /// The schema, embedded from `migrations/`; the one migrator used by the
 /// `orrery migrate` command and by every test database.

@@ -38,6 +38,49 @@ pub enum Progress<T> {
     WaitFor(Duration),
 }
 
+/// The external systems steps use (database pool, infrastructure provider,
+/// SSH, Ambari client), looked up by type: `ctx.service::<PgPool>()`.
+/// Built once per process; tests build it with their own parts.
+#[derive(Default, Clone)]
+pub struct Services {
+    map: HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> &mut Self {
+        self.insert_arc(Arc::new(value))
+    }
+
+    pub fn insert_arc<T: Send + Sync + 'static + ?Sized>(&mut self, value: Arc<T>) -> &mut Self
+    where
+        Arc<T>: Send + Sync,
+    {
+        self.map
+            .insert(std::any::TypeId::of::<Arc<T>>(), Arc::new(value));
+        self
+    }
+
+    /// The service of type `T` (inserted with [`Services::insert`]).
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.get_arc::<T>()
+    }
+
+    /// Works for trait objects too: `get_arc::<dyn Provider>()`.
+    pub fn get_arc<T: Send + Sync + 'static + ?Sized>(&self) -> Option<Arc<T>>
+    where
+        Arc<T>: Send + Sync,
+    {
+        self.map
+            .get(&std::any::TypeId::of::<Arc<T>>())
+            .and_then(|v| v.downcast_ref::<Arc<T>>())
+            .cloned()
+    }
+}
+
 /// Everything a step attempt may look at.
 #[derive(Clone)]
 pub struct StepCtx {
@@ -54,6 +97,7 @@ pub struct StepCtx {
     pub cancel: CancellationToken,
     pub(crate) input: Arc<Value>,
     pub(crate) outputs: Arc<HashMap<String, Value>>,
+    pub(crate) services: Arc<Services>,
 }
 
 impl StepCtx {
@@ -76,6 +120,20 @@ impl StepCtx {
     /// The raw checkpointed output of an earlier step, if any.
     pub fn output_value(&self, step: &str) -> Option<&Value> {
         self.outputs.get(step)
+    }
+
+    /// A service this process was built with; missing is a fatal configuration error.
+    pub fn service<T: Send + Sync + 'static + ?Sized>(&self) -> Result<Arc<T>, StepError>
+    where
+        Arc<T>: Send + Sync,
+    {
+        self.services.get_arc::<T>().ok_or_else(|| {
+            StepError::Fatal(format!(
+                "step `{}` needs {}, which this worker was not configured with",
+                self.step,
+                std::any::type_name::<T>()
+            ))
+        })
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -390,6 +448,25 @@ mod tests {
         assert!(err.contains("`size`"), "{err}");
         let err = decode::<Input>(&serde_json::json!({"size": 3})).unwrap_err();
         assert!(err.contains("name"), "{err}");
+    }
+
+    #[test]
+    fn services_are_found_by_type_including_trait_objects() {
+        trait Greeter: Send + Sync {
+            fn hi(&self) -> &'static str;
+        }
+        struct En;
+        impl Greeter for En {
+            fn hi(&self) -> &'static str {
+                "hi"
+            }
+        }
+        let mut services = Services::new();
+        services.insert(42u32);
+        services.insert_arc::<dyn Greeter>(Arc::new(En));
+        assert_eq!(*services.get::<u32>().unwrap(), 42);
+        assert_eq!(services.get_arc::<dyn Greeter>().unwrap().hi(), "hi");
+        assert!(services.get::<String>().is_none());
     }
 
     #[test]

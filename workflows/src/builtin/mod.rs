@@ -17,11 +17,16 @@ use crate::{
     workflow::{Progress, Registry, Step, StepCtx, Workflow},
 };
 
+pub mod api_fakes;
+
 /// Register the demonstration workflow, and the test ones when asked.
 pub fn register(registry: &mut Registry, test_workflows: bool) {
     registry.register(demo());
     if test_workflows {
-        for wf in test_workflows_all() {
+        for wf in test_workflows_all()
+            .into_iter()
+            .chain(api_fakes::workflows())
+        {
             registry.register(wf);
         }
     }

@@ -1,0 +1,1 @@
+//! SSH to cluster machines with russh. (Being written.)
