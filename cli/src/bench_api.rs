@@ -1,0 +1,2 @@
+//! API benchmark (being written).
+fn main() {}

@@ -1,0 +1,2 @@
+//! `orrery-ambari-sim` (being written).
+fn main() {}
