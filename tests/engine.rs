@@ -39,6 +39,10 @@ async fn steps_spanning_two_queues_run_to_success_on_two_worker_processes() {
         "the beta step ran on the other process"
     );
     assert_eq!(run.output.unwrap()["step"], "c");
+    let logs = store::step_logs(&env.pool, id).await.unwrap();
+    let logged: Vec<&str> = logs.iter().map(|l| l.step.as_str()).collect();
+    assert_eq!(logged, ["a", "b", "c"], "each step's log is kept");
+    assert!(logs[1].text.starts_with("b ran on ") && logs[1].text.ends_with(&effects[1].worker));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,6 +85,49 @@ async fn a_worker_killed_mid_step_is_finished_by_another_from_the_last_checkpoin
     assert!(env.effects_of(id)[2..]
         .iter()
         .all(|e| &e.worker != killed_worker));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_current_step_hands_the_run_back_and_exits() {
+    let mut env = TestEnv::new("sigterm").await;
+    let leaving = env.spawn_worker(&["--queues", "alpha"]);
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 1000 }),
+        )
+        .await;
+    env.wait_until("step `two` to start", T, || async {
+        env.count(id, "two") == 1
+    })
+    .await;
+    env.workers[leaving].signal("TERM");
+    let exited = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = env.workers[leaving].child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    assert!(exited.success(), "{exited:?}");
+    let run = env.run(id).await;
+    assert_eq!(
+        (run.state, run.cursor),
+        (RunState::Queued, 2),
+        "step two committed, run handed back: {run:?}"
+    );
+    env.spawn_worker(&["--queues", "alpha"]);
+    assert_eq!(env.wait_state(id, DONE, T).await.state, RunState::Succeeded);
+    assert_eq!(
+        ["one", "two", "three", "four"].map(|s| env.count(id, s)),
+        [1, 1, 1, 1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,10 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(worker_id = %rt.engine.worker_id, ?queues, scheduler = args.scheduler, "worker started");
     while tasks.join_next().await.is_some() {}
+    let left = rt.engine.drain(std::time::Duration::from_secs(60)).await;
+    if left > 0 {
+        tracing::warn!(left, "stopping with steps still running; their leases will expire and another worker resumes them");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -65,6 +65,17 @@ pub struct Engine {
     inflight: Mutex<HashMap<Uuid, Arc<RunSignals>>>,
     /// Process shutdown: stop between steps and hand runs back.
     shutdown: CancellationToken,
+    /// Dispatches being handled right now, so shutdown can wait for them.
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a dispatch as active for as long as it is handled.
+struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Removes a run from the in-flight map however its drive ends.
@@ -149,11 +160,27 @@ impl Engine {
             config,
             inflight: Mutex::new(HashMap::new()),
             shutdown,
+            active: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// After shutdown was requested: wait until every dispatch being handled
+    /// has committed its current step and handed its run back, or `timeout`
+    /// passes (a step still running then is reclaimed once its lease expires).
+    /// Returns how many were still active.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let active = self.active.load(Ordering::SeqCst);
+            if active == 0 || tokio::time::Instant::now() >= deadline {
+                return active;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Build (but do not write) a run of the newest version of `workflow`,
@@ -297,6 +324,8 @@ impl Engine {
     /// Handle one dispatch from `queue`. Never fails: whatever goes wrong is
     /// logged, and PostgreSQL still says what is left to do.
     pub async fn handle(self: &Arc<Self>, queue: &str, run_id: Uuid) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let _active = ActiveGuard(&self.active);
         let span = tracing::info_span!("run", %run_id, queue, workflow = tracing::field::Empty, step = tracing::field::Empty);
         async {
             if let Err(err) = self.claim_and_drive(queue, run_id).await {

@@ -510,3 +510,32 @@ pub async fn history(pool: &PgPool, run_id: Uuid) -> Result<Vec<HistoryEvent>, s
         })
         .collect()
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    pub at: DateTime<Utc>,
+    pub step: String,
+    pub attempt: i32,
+    pub stream: String,
+    pub text: String,
+}
+
+pub async fn step_logs(pool: &PgPool, run_id: Uuid) -> Result<Vec<LogEntry>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT at, step, attempt, stream, text FROM step_logs WHERE run_id = $1 ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(LogEntry {
+                at: r.try_get("at")?,
+                step: r.try_get("step")?,
+                attempt: r.try_get("attempt")?,
+                stream: r.try_get("stream")?,
+                text: r.try_get("text")?,
+            })
+        })
+        .collect()
+}

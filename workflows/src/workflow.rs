@@ -136,6 +136,31 @@ impl StepCtx {
         })
     }
 
+    /// Keep `text` in the step's log (`stream`: "stdout", "stderr", "info"...).
+    /// Best effort: a log that cannot be written is traced, never fails the step.
+    /// Entries over 64 KiB keep their last 64 KiB.
+    pub async fn log(&self, stream: &str, text: &str) {
+        const MAX: usize = 64 * 1024;
+        let mut start = text.len().saturating_sub(MAX);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        let Some(pool) = self.services.get::<sqlx::PgPool>() else {
+            return;
+        };
+        let res = sqlx::query("INSERT INTO step_logs (run_id, step, attempt, stream, text) VALUES ($1, $2, $3, $4, $5)")
+            .bind(self.run_id)
+            .bind(&self.step)
+            .bind(self.attempt as i32)
+            .bind(stream)
+            .bind(&text[start..])
+            .execute(&*pool)
+            .await;
+        if let Err(err) = res {
+            tracing::warn!(run_id = %self.run_id, step = self.step, error = %err, "cannot write step log");
+        }
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }

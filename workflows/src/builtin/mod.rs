@@ -165,6 +165,8 @@ fn recorded(name: &'static str, queue: &str, works: bool) -> Step {
         queue,
         move |ctx: StepCtx, input: TestInput| async move {
             effect(&input, &ctx, name)?;
+            ctx.log("info", &format!("{name} ran on {}", ctx.worker_id))
+                .await;
             if works {
                 work(&ctx, &input).await;
             }
