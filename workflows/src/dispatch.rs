@@ -49,8 +49,11 @@ pub fn redis_queue(namespace: &str, queue: &str) -> String {
 pub fn queue_config(namespace: &str, queue: &str) -> Config {
     Config::default()
         .queue(redis_queue(namespace, queue))
-        // PostgreSQL keeps the result; Redis need not.
-        .persist_results(false)
+        // Must stay on: in apalis-core 1.0 this flag also gates acknowledging a
+        // finished task, without which every dispatch stays "in flight" in
+        // Redis forever and is re-queued when its worker stops. The results
+        // themselves are dropped by the `redis_vacuum` cron job.
+        .persist_results(true)
         .heartbeat_interval(Duration::from_secs(5))
         .missed_heartbeats(3)
 }

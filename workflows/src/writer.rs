@@ -11,14 +11,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{Connection, PgConnection, PgPool};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use crate::{error::EngineError, state::RunState};
 
 /// Largest number of transitions committed by one statement.
 const MAX_BATCH: usize = 128;
+
+/// Statements that may be in flight at once (one connection each).
+const WRITERS: usize = 2;
 
 /// What happens to `dispatched_at` with this write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +108,12 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     pub fn spawn(pool: PgPool) -> Self {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run_writer(pool, rx));
+        // Two writers: while one statement is in flight, the other gathers the
+        // next batch, so a run never waits for a whole round-trip it missed.
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WRITERS {
+            tokio::spawn(run_writer(pool.clone(), rx.clone()));
+        }
         CheckpointWriter { tx }
     }
 
@@ -122,18 +132,38 @@ impl CheckpointWriter {
     }
 }
 
-async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<(RunUpdate, Reply)>) {
+/// Writes on a connection of its own rather than the pool's: no pool
+/// bookkeeping round-trips, and checkpoints never wait behind claims for a
+/// pooled connection. A broken connection is replaced at the next batch.
+async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply)>>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
         let updates: Vec<&RunUpdate> = batch.iter().map(|(u, _)| u).collect();
-        match write_batch(&pool, &updates).await {
+        if conn.is_none() {
+            conn = PgConnection::connect_with(&pool.connect_options())
+                .await
+                .ok();
+        }
+        let result = match conn.as_mut() {
+            Some(c) => write_batch(c, &updates).await,
+            None => write_batch(&pool, &updates).await,
+        };
+        if result.is_err() {
+            conn = None;
+        }
+        match result {
             Ok(applied) => {
                 for (update, reply) in batch.drain(..) {
                     let _ = reply.send(Ok(applied.contains(&update.run_id)));
@@ -151,7 +181,10 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<(RunUpdate, Reply)>) {
 }
 
 /// One statement for the whole batch; returns the ids whose fence matched.
-pub async fn write_batch(pool: &PgPool, updates: &[&RunUpdate]) -> Result<Vec<Uuid>, sqlx::Error> {
+pub async fn write_batch<'c, E>(db: E, updates: &[&RunUpdate]) -> Result<Vec<Uuid>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let ck = |u: &RunUpdate| u.checkpoint.clone();
     let (ck_kind, ck_output, ck_error): (
@@ -248,7 +281,7 @@ pub async fn write_batch(pool: &PgPool, updates: &[&RunUpdate]) -> Result<Vec<Uu
                 .map(|u| u.event.as_ref().and_then(|e| e.1.clone()))
                 .collect::<Vec<_>>(),
         )
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 
