@@ -6,7 +6,9 @@
 //! - `orrery dev` runs the API, a worker for every queue and the scheduler in
 //!   one process, for a laptop.
 
-use std::{sync::Arc, time::Duration};
+mod admin;
+
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -40,6 +42,11 @@ enum Command {
     },
     /// API, workers for every queue and the scheduler, in one process.
     Dev,
+    /// Accounts: the first operator of a fresh install, groups, extra keys.
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => migrate(&cfg).await,
         Command::Dev => dev(cfg).await,
+        Command::Admin { command } => admin::run(&cfg, command).await,
         Command::Run { command } => run_command(cfg, command).await,
     }
 }
@@ -295,13 +303,10 @@ async fn dev(cfg: EngineConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let app = Arc::new(orrery_api::App {
-        pool: rt.engine.pool.clone(),
-        redis,
-    });
+    let app = orrery_api::app::App::new(rt.engine.clone(), redis, orrery_api::ApiConfig::from_env()?);
     let s = shutdown.clone();
     tasks.spawn(async move {
-        if let Err(err) = orrery_api::serve(app, listener, s).await {
+        if let Err(err) = orrery_api::serve_app(app, listener, s).await {
             tracing::error!(error = %err, "api stopped");
         }
     });

@@ -357,3 +357,85 @@ impl Drop for PrivateRedis {
         let _ = self.child.wait();
     }
 }
+
+/// Just a migrated database of its own (no engine, no Redis), dropped with it:
+/// for tests of integrations that only need the inventory tables.
+pub struct TestDb {
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new(name: &str) -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        let db_name = format!("orrery_t_{}_{}", name, &suffix[..10]);
+        let mut admin = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL must be reachable (run scripts/setup.sh)");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let base = admin_url();
+        let db_url = format!("{}/{db_name}", &base[..base.rfind('/').unwrap()]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&db_url)
+            .await
+            .unwrap();
+        MIGRATOR.run(&pool).await.unwrap();
+        TestDb {
+            db_name,
+            db_url,
+            pool,
+        }
+    }
+
+    /// A user and a `provisioning` cluster of `size` owned by them (machines
+    /// reference clusters).
+    pub async fn cluster(&self, size: i32) -> Uuid {
+        let user = Uuid::new_v4();
+        sqlx::query("INSERT INTO users (id, name) VALUES ($1, $2)")
+            .bind(user)
+            .bind(format!("u-{}", user.simple()))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        let cluster = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO clusters (id, name, owner_id, size, services) \
+             VALUES ($1, $2, $3, $4, ARRAY['HDFS','YARN','MAPREDUCE2','ZOOKEEPER'])",
+        )
+        .bind(cluster)
+        .bind(format!("c-{}", &cluster.simple().to_string()[..8]))
+        .bind(user)
+        .bind(size)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+        cluster
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let db = self.db_name.clone();
+        // FORCE ends this pool's connections too.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}

@@ -22,6 +22,8 @@ pub mod api_fakes;
 /// Register the demonstration workflow, and the test ones when asked.
 pub fn register(registry: &mut Registry, test_workflows: bool) {
     registry.register(demo());
+    // Callback delivery is production work, not a test stand-in.
+    registry.register(api_fakes::deliver_callback());
     if test_workflows {
         for wf in test_workflows_all()
             .into_iter()

@@ -1,0 +1,238 @@
+//! Authentication: API keys and the callers they identify.
+//!
+//! A key has a public id (`lookup`, 16 lowercase letters and digits) and a
+//! secret (32 random bytes, base64url). Only the secret's SHA-256 is stored;
+//! a 256-bit random secret needs no slow hash. `/v1` takes the whole key as
+//! `Authorization: Bearer orr_<lookup>_<secret>`; `/cosmos/v1` takes
+//! `Authorization: Basic base64(<lookup>:<secret>)`, so the id is the
+//! original platform's `apiKey` and the secret its `apiSecret`.
+//!
+//! Every request reads the key row (one indexed query), so a revoked key is
+//! refused at once by every API process; nothing is cached.
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+use base64::Engine as _;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::{
+    app::AppState,
+    error::{ApiError, ApiResult},
+};
+
+/// Who is calling, as established from their key.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub name: String,
+    pub group_id: Option<Uuid>,
+    pub is_operator: bool,
+    /// The key used, so a user can tell which of their keys is in use.
+    pub key_id: Uuid,
+}
+
+/// A caller who is an operator; anyone else gets 403.
+#[derive(Clone, Debug)]
+pub struct Operator(pub Caller);
+
+/// A freshly generated key; the secret exists only in this value.
+pub struct NewKey {
+    pub id: Uuid,
+    pub lookup: String,
+    pub secret: String,
+}
+
+impl NewKey {
+    pub fn generate() -> Self {
+        let mut rng = rand::rng();
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let lookup: String = (0..16)
+            .map(|_| ALPHABET[(rng.next_u32() % ALPHABET.len() as u32) as usize] as char)
+            .collect();
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        NewKey {
+            id: Uuid::now_v7(),
+            lookup,
+            secret: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+        }
+    }
+
+    /// The bearer token: `orr_<lookup>_<secret>`.
+    pub fn token(&self) -> String {
+        format!("orr_{}_{}", self.lookup, self.secret)
+    }
+
+    pub fn secret_sha256(&self) -> Vec<u8> {
+        sha256(&self.secret)
+    }
+}
+
+pub fn sha256(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+/// Random URL-safe text of `bytes` random bytes (webhook secrets).
+pub fn random_secret(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// `orr_<lookup>_<secret>` → (lookup, secret).
+pub fn split_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("orr_")?;
+    let (lookup, secret) = rest.split_once('_')?;
+    (lookup.len() == 16 && !secret.is_empty()).then_some((lookup, secret))
+}
+
+/// `Authorization` value for `/cosmos/v1`: `Basic base64(apiKey:apiSecret)`.
+pub fn basic_header(api_key: &str, api_secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{api_key}:{api_secret}"))
+    )
+}
+
+/// Check a key id and secret; the caller it belongs to, or 401.
+pub async fn authenticate(state: &AppState, lookup: &str, secret: &str) -> ApiResult<Caller> {
+    let row = sqlx::query(
+        "SELECT k.id AS key_id, k.secret_sha256, k.revoked_at IS NOT NULL AS revoked,
+                (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') AS stale,
+                u.id AS user_id, u.name, u.group_id, u.is_operator, u.disabled_at IS NOT NULL AS disabled
+         FROM api_keys k JOIN users u ON u.id = k.user_id
+         WHERE k.lookup = $1",
+    )
+    .bind(lookup)
+    .fetch_optional(&state.0.pool)
+    .await?;
+    let bad = || {
+        ApiError::unauthorized(
+            "the API key is not valid; create one with POST /v1/account/keys or ask an operator",
+        )
+    };
+    let Some(row) = row else { return Err(bad()) };
+    let stored: Vec<u8> = row.try_get("secret_sha256")?;
+    if !bool::from(stored.ct_eq(&sha256(secret))) {
+        return Err(bad());
+    }
+    if row.try_get::<bool, _>("revoked")? {
+        return Err(ApiError::unauthorized(
+            "this API key has been revoked; use another key",
+        ));
+    }
+    if row.try_get::<bool, _>("disabled")? {
+        return Err(ApiError::forbidden(
+            "this account is disabled; ask an operator",
+        ));
+    }
+    let caller = Caller {
+        user_id: row.try_get("user_id")?,
+        name: row.try_get("name")?,
+        group_id: row.try_get("group_id")?,
+        is_operator: row.try_get("is_operator")?,
+        key_id: row.try_get("key_id")?,
+    };
+    if row.try_get::<bool, _>("stale")? {
+        // At most one write a minute per key, off the request's path.
+        let pool = state.0.pool.clone();
+        let key_id = caller.key_id;
+        tokio::spawn(async move {
+            let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
+                .bind(key_id)
+                .execute(&pool)
+                .await;
+        });
+    }
+    Ok(caller)
+}
+
+fn header(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let Some(value) = header(parts) else {
+            return Err(ApiError::unauthorized(
+                "send your API key as `Authorization: Bearer orr_...`",
+            ));
+        };
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("use the Bearer scheme: `Authorization: Bearer orr_...`")
+            })?
+            .trim();
+        let (lookup, secret) = split_token(token).ok_or_else(|| {
+            ApiError::unauthorized(
+                "the API key is malformed; it looks like orr_<16 characters>_<secret>",
+            )
+        })?;
+        authenticate(state, lookup, secret).await
+    }
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.is_operator {
+            return Err(ApiError::forbidden("this route is for operators only"));
+        }
+        Ok(Operator(caller))
+    }
+}
+
+/// `Basic base64(apiKey:apiSecret)` → (apiKey, apiSecret).
+pub fn parse_basic(value: &str) -> Option<(String, String)> {
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (k, s) = text.split_once(':')?;
+    Some((k.to_owned(), s.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_splits_back_into_its_id_and_secret() {
+        let key = NewKey::generate();
+        let token = key.token();
+        assert_eq!(
+            split_token(&token),
+            Some((key.lookup.as_str(), key.secret.as_str()))
+        );
+        assert_eq!(key.secret.len(), 43);
+        assert!(split_token("orr_short_x").is_none());
+        assert!(split_token("Bearer x").is_none());
+    }
+
+    #[test]
+    fn basic_credentials_round_trip() {
+        let h = basic_header("abc", "s3:cr_et");
+        assert_eq!(parse_basic(&h), Some(("abc".into(), "s3:cr_et".into())));
+        assert_eq!(parse_basic("Basic !!!"), None);
+    }
+
+    #[test]
+    fn two_keys_differ() {
+        assert_ne!(NewKey::generate().secret, NewKey::generate().secret);
+    }
+}

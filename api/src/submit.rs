@@ -1,0 +1,266 @@
+//! Recording intent: every long operation (create, terminate, grant, revoke)
+//! becomes a run plus a `tasks` row written in the caller's transaction, with
+//! an optional webhook delivery run, and is dispatched only after commit.
+//! `Idempotency-Key` is honoured here for all of them.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::{
+    app::App,
+    auth::{sha256, Caller},
+    error::{ApiError, ApiResult},
+};
+
+/// What an accepted request created (or, on an idempotent repeat, had created).
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub task_id: Uuid,
+    pub kind: String,
+    pub cluster_id: Option<Uuid>,
+    pub state: String,
+    /// An `Idempotency-Key` repeat: nothing new was created.
+    pub repeated: bool,
+    /// Runs to dispatch once the transaction is committed.
+    pub(crate) dispatch: Vec<(String, Uuid)>,
+}
+
+/// An `Idempotency-Key` with the fingerprint of the request it came with.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_sha256: Vec<u8>,
+}
+
+impl Idempotency {
+    pub fn new(key: Option<String>, route: &str, body: &Value) -> Option<Self> {
+        key.map(|key| Idempotency {
+            key,
+            request_sha256: sha256(&format!("{route}\n{body}")),
+        })
+    }
+}
+
+/// The task an `Idempotency-Key` already names, if any; a key reused for a
+/// different request is refused (422) rather than silently answered.
+pub async fn existing(
+    conn: &mut PgConnection,
+    caller: &Caller,
+    idem: Option<&Idempotency>,
+) -> ApiResult<Option<Submitted>> {
+    let Some(idem) = idem else { return Ok(None) };
+    let row = sqlx::query(
+        "SELECT t.run_id, t.kind, t.cluster_id, t.request_sha256, r.state
+         FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE t.user_id = $1 AND t.idempotency_key = $2",
+    )
+    .bind(caller.user_id)
+    .bind(&idem.key)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let stored: Option<Vec<u8>> = row.try_get("request_sha256")?;
+    if stored.as_deref() != Some(idem.request_sha256.as_slice()) {
+        let mut e = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "this Idempotency-Key was already used for a different request; use a new key for a new request",
+        );
+        e.field = Some("Idempotency-Key".into());
+        return Err(e);
+    }
+    Ok(Some(Submitted {
+        task_id: row.try_get("run_id")?,
+        kind: row.try_get("kind")?,
+        cluster_id: row.try_get("cluster_id")?,
+        state: row.try_get("state")?,
+        repeated: true,
+        dispatch: Vec::new(),
+    }))
+}
+
+/// What one task needs recorded.
+pub struct TaskSpec<'a> {
+    pub kind: &'a str,
+    pub workflow: &'a str,
+    pub input: Value,
+    pub cluster_id: Option<Uuid>,
+    pub callback_url: Option<&'a str>,
+}
+
+/// Insert the run, its task row and, when asked, a webhook delivery run.
+/// Returns the task; nothing is dispatched until [`finish`].
+pub async fn record(
+    conn: &mut PgConnection,
+    app: &App,
+    caller: &Caller,
+    spec: TaskSpec<'_>,
+    idem: Option<&Idempotency>,
+) -> ApiResult<Submitted> {
+    let run = app
+        .engine
+        .new_run(spec.workflow, spec.input, Some(&caller.name))
+        .map_err(|e| match e {
+            orrery_workflows::EngineError::UnknownWorkflow(w) => {
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not-available",
+                    "this installation cannot perform that operation right now; try again later",
+                );
+                err.internal = Some(anyhow::anyhow!("workflow `{w}` is not registered"));
+                err
+            }
+            other => other.into(),
+        })?;
+    orrery_workflows::store::insert_run(&mut *conn, &run).await?;
+    sqlx::query(
+        "INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(run.id)
+    .bind(caller.user_id)
+    .bind(spec.cluster_id)
+    .bind(spec.kind)
+    .bind(idem.map(|i| &i.key))
+    .bind(idem.map(|i| &i.request_sha256))
+    .execute(&mut *conn)
+    .await?;
+    let mut dispatch = vec![(run.queue.clone(), run.id)];
+    if let Some(url) = spec.callback_url {
+        let callback_id = Uuid::now_v7();
+        let delivery = app
+            .engine
+            .new_run(
+                &app.config.workflows.callback,
+                json!({ "callback_id": callback_id }),
+                Some(&caller.name),
+            )
+            .map_err(|e| {
+                let mut err = ApiError::invalid(
+                    "callback_url",
+                    "callbacks are not available on this installation; poll the task or use its events instead",
+                );
+                err.internal = Some(e.into());
+                err
+            })?;
+        sqlx::query(
+            "INSERT INTO callbacks (id, task_run_id, user_id, url) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(callback_id)
+        .bind(run.id)
+        .bind(caller.user_id)
+        .bind(url)
+        .execute(&mut *conn)
+        .await?;
+        orrery_workflows::store::insert_run(&mut *conn, &delivery).await?;
+        sqlx::query("UPDATE callbacks SET delivery_run_id = $2 WHERE id = $1")
+            .bind(callback_id)
+            .bind(delivery.id)
+            .execute(&mut *conn)
+            .await?;
+        dispatch.push((delivery.queue.clone(), delivery.id));
+    }
+    Ok(Submitted {
+        task_id: run.id,
+        kind: spec.kind.to_owned(),
+        cluster_id: spec.cluster_id,
+        state: "queued".into(),
+        repeated: false,
+        dispatch,
+    })
+}
+
+/// Commit, then dispatch. A concurrent request with the same
+/// `Idempotency-Key` that committed first wins: its task is returned.
+pub async fn finish(
+    app: &App,
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    submitted: Submitted,
+    caller: &Caller,
+    idem: Option<&Idempotency>,
+) -> ApiResult<Submitted> {
+    match tx.commit().await {
+        Ok(()) => {}
+        Err(e) if is_idempotency_race(&e) => {
+            let mut conn = app.pool.acquire().await?;
+            if let Some(s) = existing(&mut conn, caller, idem).await? {
+                return Ok(s);
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    for (queue, run_id) in &submitted.dispatch {
+        if let Err(err) = app.engine.dispatcher.dispatch(queue, *run_id).await {
+            tracing::warn!(%run_id, queue, error = %err, "dispatch failed; the reconciler will retry it");
+        }
+    }
+    Ok(submitted)
+}
+
+/// A unique violation on the idempotency index (raised at insert or commit).
+pub fn is_idempotency_race(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.constraint() == Some("tasks_idempotency"))
+}
+
+/// Run `record` and map an idempotency race at insert time to the winner.
+pub async fn record_or_existing(
+    conn: &mut PgConnection,
+    app: &App,
+    caller: &Caller,
+    spec: TaskSpec<'_>,
+    idem: Option<&Idempotency>,
+) -> ApiResult<Result<Submitted, Submitted>> {
+    match record(conn, app, caller, spec, idem).await {
+        Ok(s) => Ok(Ok(s)),
+        Err(e)
+            if e.internal
+                .as_ref()
+                .and_then(|i| i.downcast_ref::<sqlx::Error>())
+                .is_some_and(is_idempotency_race) =>
+        {
+            let mut fresh = app.pool.acquire().await?;
+            match existing(&mut fresh, caller, idem).await? {
+                Some(s) => Ok(Err(s)),
+                None => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn task_href(id: Uuid) -> String {
+    format!("/v1/tasks/{id}")
+}
+
+/// The body of a `202 Accepted`.
+pub fn task_ref(s: &Submitted) -> Value {
+    json!({
+        "id": s.task_id,
+        "href": task_href(s.task_id),
+        "kind": s.kind,
+        "state": s.state,
+        "cluster_id": s.cluster_id,
+        "cluster_href": s.cluster_id.map(|c| format!("/v1/clusters/{c}")),
+        "events_href": format!("{}/events", task_href(s.task_id)),
+    })
+}
+
+/// `202 Accepted`, `Location: /v1/tasks/{id}`, the task as body.
+pub fn accepted(s: &Submitted) -> Response {
+    let mut res = (StatusCode::ACCEPTED, Json(task_ref(s))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&task_href(s.task_id)) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    if s.repeated {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
+}
