@@ -149,6 +149,11 @@ impl TestEnv {
 
     /// Start an `orrery-worker` process with this test's database and namespace.
     pub fn spawn_worker(&mut self, args: &[&str]) -> usize {
+        self.spawn_worker_env(args, &[])
+    }
+
+    /// Like [`TestEnv::spawn_worker`], with more environment variables.
+    pub fn spawn_worker_env(&mut self, args: &[&str], extra: &[(String, String)]) -> usize {
         let index = self.workers.len();
         let log = self.dir.join(format!("worker-{index}.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -163,6 +168,8 @@ impl TestEnv {
             .env("ORRERY_DB_POOL", "8")
             .env("ORRERY_TEST_WORKFLOWS", "1")
             .env("RUST_LOG", "info,orrery_workflows=debug")
+            .env("ORRERY_SSH_KEY", self.dir.join("id_ed25519"))
+            .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context;
 use orrery_workflows::{
-    builtin, config::connect_db, consumer, cron, dispatch::RedisDispatcher, reconciler, Engine,
+    builtin, config::connect_db, provisioning, consumer, cron, dispatch::RedisDispatcher, reconciler, Engine,
     EngineConfig, Registry, Services,
 };
 use tokio::task::JoinSet;
@@ -36,7 +36,11 @@ pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow:
     );
     let mut registry = Registry::new();
     builtin::register(&mut registry, config.test_workflows);
-    let services = Services::new();
+    provisioning::register(&mut registry);
+    let mut services = Services::new();
+    if let Err(why) = provisioning::install(&mut services, provisioning::ProvisioningEnv { pool: pool.clone() }) {
+        tracing::warn!(%why, "provisioning is not configured in this process; its steps fail until it is");
+    }
     let engine = Engine::new(
         pool,
         Arc::new(registry),

@@ -29,6 +29,7 @@ pub mod error;
 pub mod executor;
 pub mod infra;
 pub mod lifecycle;
+pub mod provisioning;
 pub mod reconciler;
 pub mod retry;
 pub mod ssh;
