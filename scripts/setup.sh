@@ -94,6 +94,24 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
+# ---------------------------------------------------------------- local containers
+# The `local` provider runs each cluster node as a container with its own
+# sshd (openssh-server), network namespace and veth (iproute2), mount/UTS/PID
+# namespaces (util-linux: unshare, setsid, pivot_root; mount), and the agent
+# script heartbeats with curl. useradd/groupadd (passwd) and pkill (procps)
+# create and remove cluster users. Nothing is started here: sshd only runs
+# inside containers, and the bridge is made on demand.
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+have ip || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
+have unshare || missing+=(util-linux)
+have mount || missing+=(mount)
+have pkill || missing+=(procps)
+have useradd || [ -x /usr/sbin/useradd ] || missing+=(passwd)
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
 if ! have cargo; then
     say "cargo not found: installing Rust with rustup"
     if ! have rustup; then

@@ -39,7 +39,10 @@ fn skip(test: &str) -> bool {
         Ok(()) => false,
         Err(e) => {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: local containers are not possible here: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: local containers are not possible here: {e}"
+            );
             true
         }
     }
@@ -71,7 +74,9 @@ impl Rig {
         // The agents in the containers reach the emulator on the bridge address.
         let api: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let agent: SocketAddr = format!("{GATEWAY}:0").parse().unwrap();
-        let sim = sim::serve(sim_config, api, agent, CancellationToken::new()).await.unwrap();
+        let sim = sim::serve(sim_config, api, agent, CancellationToken::new())
+            .await
+            .unwrap();
         let key = PlatformKey::load_or_generate(&env.dir.join("id_ed25519")).unwrap();
         let prefix = format!("p{}-", &Uuid::new_v4().simple().to_string()[..6]);
         let extra = vec![
@@ -83,13 +88,23 @@ impl Rig {
             ("ORRERY_LOCAL_CAPACITY", "8".into()),
             ("ORRERY_AMBARI_URL", sim.url()),
             ("ORRERY_AMBARI_AGENT_SERVER", GATEWAY.into()),
-            ("ORRERY_AMBARI_AGENT_PORT", sim.agent_addr.port().to_string()),
+            (
+                "ORRERY_AMBARI_AGENT_PORT",
+                sim.agent_addr.port().to_string(),
+            ),
             ("ORRERY_AMBARI_POLL_MS", "200".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        Rig { env, sim, prefix, host, key, extra }
+        Rig {
+            env,
+            sim,
+            prefix,
+            host,
+            key,
+            extra,
+        }
     }
 
     fn set(&mut self, name: &str, value: &str) {
@@ -114,7 +129,12 @@ impl Rig {
     }
 
     fn containers(&self) -> Vec<String> {
-        self.host.list(&self.prefix).unwrap().into_iter().map(|c| c.name).collect()
+        self.host
+            .list(&self.prefix)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
     }
 
     /// A user, a cluster of `size` owned by them, the owner as a cluster user,
@@ -122,7 +142,11 @@ impl Rig {
     async fn request_cluster(&self, size: i32) -> (Uuid, Uuid) {
         let pool = &self.env.pool;
         let user = Uuid::new_v4();
-        sqlx::query("INSERT INTO users (id, name) VALUES ($1, 'alice')").bind(user).execute(pool).await.unwrap();
+        sqlx::query("INSERT INTO users (id, name) VALUES ($1, 'alice')")
+            .bind(user)
+            .execute(pool)
+            .await
+            .unwrap();
         let cluster = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO clusters (id, name, owner_id, size, services)
@@ -144,7 +168,10 @@ impl Rig {
         .execute(pool)
         .await
         .unwrap();
-        let run = self.env.submit("create_cluster", json!({ "cluster_id": cluster })).await;
+        let run = self
+            .env
+            .submit("create_cluster", json!({ "cluster_id": cluster }))
+            .await;
         (cluster, run)
     }
 
@@ -169,7 +196,9 @@ impl Rig {
         let mut counts = std::collections::BTreeMap::new();
         for log in store::step_logs(&self.env.pool, run).await.unwrap() {
             if log.step == "bootstrap" && log.text.contains("bootstrap attempt on") {
-                *counts.entry(log.stream.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
+                *counts
+                    .entry(log.stream.split(' ').next().unwrap().to_owned())
+                    .or_insert(0) += 1;
             }
         }
         counts
@@ -188,11 +217,19 @@ impl Drop for Rig {
 const ANNOUNCE: &str = "echo \"bootstrap attempt on $(hostname)\" >&2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_terminates_without_leftovers() {
+async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_terminates_without_leftovers(
+) {
     if skip("a_three_node_cluster...") {
         return;
     }
-    let mut rig = Rig::new("prov_happy", SimConfig { request_duration: Duration::from_secs(2), ..Default::default() }).await;
+    let mut rig = Rig::new(
+        "prov_happy",
+        SimConfig {
+            request_duration: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
     rig.all_workers();
     let (cluster, run) = rig.request_cluster(3).await;
     let done = rig.env.wait_state(run, DONE, T).await;
@@ -204,17 +241,26 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
     let ambari_name = format!("orrery-{}", cluster.simple());
     assert!(ambari.cluster_exists(&ambari_name).await.unwrap());
     // The UNIX account exists on every node, with the key, as asked.
-    let machines: Vec<(String, String, i32, String)> =
-        sqlx::query_as("SELECT hostname, address, ssh_port, host_key FROM machines WHERE cluster_id = $1")
-            .bind(cluster)
-            .fetch_all(&rig.env.pool)
-            .await
-            .unwrap();
+    let machines: Vec<(String, String, i32, String)> = sqlx::query_as(
+        "SELECT hostname, address, ssh_port, host_key FROM machines WHERE cluster_id = $1",
+    )
+    .bind(cluster)
+    .fetch_all(&rig.env.pool)
+    .await
+    .unwrap();
     assert_eq!(machines.len(), 3);
     let ssh = SshClient::new(rig.key.clone());
     for (hostname, address, port, host_key) in &machines {
-        let target = SshTarget { host: hostname.clone(), address: address.clone(), port: *port as u16, host_key: host_key.clone() };
-        let session = ssh.connect(&target, &CancellationToken::new()).await.unwrap();
+        let target = SshTarget {
+            host: hostname.clone(),
+            address: address.clone(),
+            port: *port as u16,
+            host_key: host_key.clone(),
+        };
+        let session = ssh
+            .connect(&target, &CancellationToken::new())
+            .await
+            .unwrap();
         let out = session
             .run(
                 "id -nG alice && getent passwd alice | cut -d: -f7 && cat /home/alice/.ssh/authorized_keys && test -f /etc/sudoers.d/orrery-alice && echo sudo",
@@ -225,26 +271,53 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
             .unwrap();
         assert!(out.stdout.contains("hadoop"), "{hostname}: {out:?}");
         assert!(out.stdout.contains("/bin/bash"), "{hostname}: {out:?}");
-        assert!(out.stdout.contains("alice@laptop") && out.stdout.contains("sudo"), "{hostname}: {out:?}");
+        assert!(
+            out.stdout.contains("alice@laptop") && out.stdout.contains("sudo"),
+            "{hostname}: {out:?}"
+        );
         session.close().await;
     }
-    let users: Vec<String> = sqlx::query_scalar("SELECT state FROM cluster_users WHERE cluster_id = $1")
-        .bind(cluster)
-        .fetch_all(&rig.env.pool)
-        .await
-        .unwrap();
+    let users: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM cluster_users WHERE cluster_id = $1")
+            .bind(cluster)
+            .fetch_all(&rig.env.pool)
+            .await
+            .unwrap();
     assert_eq!(users, ["active"]);
 
-    sqlx::query("UPDATE clusters SET state = 'terminating' WHERE id = $1").bind(cluster).execute(&rig.env.pool).await.unwrap();
-    let term = rig.env.submit("terminate_cluster", json!({ "cluster_id": cluster })).await;
-    assert_eq!(rig.env.wait_state(term, DONE, T).await.state, RunState::Succeeded);
+    sqlx::query("UPDATE clusters SET state = 'terminating' WHERE id = $1")
+        .bind(cluster)
+        .execute(&rig.env.pool)
+        .await
+        .unwrap();
+    let term = rig
+        .env
+        .submit("terminate_cluster", json!({ "cluster_id": cluster }))
+        .await;
+    assert_eq!(
+        rig.env.wait_state(term, DONE, T).await.state,
+        RunState::Succeeded
+    );
     assert_eq!(rig.cluster_state(cluster).await.0, "terminated");
-    assert!(rig.containers().is_empty(), "containers left: {:?}", rig.containers());
-    assert!(!ambari.cluster_exists(&ambari_name).await.unwrap(), "Ambari cluster left");
+    assert!(
+        rig.containers().is_empty(),
+        "containers left: {:?}",
+        rig.containers()
+    );
+    assert!(
+        !ambari.cluster_exists(&ambari_name).await.unwrap(),
+        "Ambari cluster left"
+    );
     assert_eq!(rig.allocated(cluster).await, 0, "machines still allocated");
     // Terminating again is safe.
-    let again = rig.env.submit("terminate_cluster", json!({ "cluster_id": cluster })).await;
-    assert_eq!(rig.env.wait_state(again, DONE, T).await.state, RunState::Succeeded);
+    let again = rig
+        .env
+        .submit("terminate_cluster", json!({ "cluster_id": cluster }))
+        .await;
+    assert_eq!(
+        rig.env.wait_state(again, DONE, T).await.state,
+        RunState::Succeeded
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,28 +325,55 @@ async fn ambari_answering_500_to_30_percent_of_calls_still_ends_running() {
     if skip("ambari_answering_500...") {
         return;
     }
-    let faults = Faults { error_rate: 0.3, seed: 7, ..Default::default() };
-    let mut rig = Rig::new("prov_500", SimConfig { request_duration: Duration::from_secs(1), faults, ..Default::default() }).await;
+    let faults = Faults {
+        error_rate: 0.3,
+        seed: 7,
+        ..Default::default()
+    };
+    let mut rig = Rig::new(
+        "prov_500",
+        SimConfig {
+            request_duration: Duration::from_secs(1),
+            faults,
+            ..Default::default()
+        },
+    )
+    .await;
     rig.all_workers();
     let (cluster, run) = rig.request_cluster(2).await;
     let done = rig.env.wait_state(run, DONE, T).await;
     assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
     assert_eq!(rig.cluster_state(cluster).await.0, "running");
-    let retried: i64 = sqlx::query_scalar("SELECT COALESCE(sum(attempts - 1), 0) FROM step_checkpoints WHERE run_id = $1")
-        .bind(run)
-        .fetch_one(&rig.env.pool)
-        .await
-        .unwrap();
+    let retried: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(attempts - 1), 0) FROM step_checkpoints WHERE run_id = $1",
+    )
+    .bind(run)
+    .fetch_one(&rig.env.pool)
+    .await
+    .unwrap();
     assert!(retried > 0, "no step was retried: the 500s did not happen");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_cluster_with_the_reason() {
+async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_cluster_with_the_reason()
+{
     if skip("an_ambari_request_that_fails...") {
         return;
     }
-    let faults = Faults { fail_requests: 1, fail_kind: "cluster_create".parse().unwrap(), ..Default::default() };
-    let mut rig = Rig::new("prov_fail", SimConfig { request_duration: Duration::from_secs(1), faults, ..Default::default() }).await;
+    let faults = Faults {
+        fail_requests: 1,
+        fail_kind: "cluster_create".parse().unwrap(),
+        ..Default::default()
+    };
+    let mut rig = Rig::new(
+        "prov_fail",
+        SimConfig {
+            request_duration: Duration::from_secs(1),
+            faults,
+            ..Default::default()
+        },
+    )
+    .await;
     rig.all_workers();
     let (cluster, run) = rig.request_cluster(2).await;
     let done = rig.env.wait_state(run, DONE, T).await;
@@ -281,10 +381,21 @@ async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_clust
     let (state, reason) = rig.cluster_state(cluster).await;
     assert_eq!(state, "failed");
     let reason = reason.unwrap();
-    assert!(reason.contains("Ambari request") && reason.contains("FAILED"), "{reason}");
+    assert!(
+        reason.contains("Ambari request") && reason.contains("FAILED"),
+        "{reason}"
+    );
     assert_eq!(rig.allocated(cluster).await, 0);
-    assert!(rig.containers().is_empty(), "containers left: {:?}", rig.containers());
-    assert!(!rig.ambari().cluster_exists(&format!("orrery-{}", cluster.simple())).await.unwrap());
+    assert!(
+        rig.containers().is_empty(),
+        "containers left: {:?}",
+        rig.containers()
+    );
+    assert!(!rig
+        .ambari()
+        .cluster_exists(&format!("orrery-{}", cluster.simple()))
+        .await
+        .unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,15 +409,24 @@ async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_run
     let (cluster, run) = rig.request_cluster(2).await;
     // Allocated, handed over to the ssh queue, not yet bootstrapped: swap one pinned key.
     rig.env
-        .wait_until("allocation", T, || async { rig.env.run(run).await.cursor == 1 })
+        .wait_until("allocation", T, || async {
+            rig.env.run(run).await.cursor == 1
+        })
         .await;
-    let victim: String = sqlx::query_scalar("SELECT hostname FROM machines WHERE cluster_id = $1 ORDER BY hostname LIMIT 1")
-        .bind(cluster)
-        .fetch_one(&rig.env.pool)
+    let victim: String = sqlx::query_scalar(
+        "SELECT hostname FROM machines WHERE cluster_id = $1 ORDER BY hostname LIMIT 1",
+    )
+    .bind(cluster)
+    .fetch_one(&rig.env.pool)
+    .await
+    .unwrap();
+    let other = PlatformKey::generate().public_line().to_owned();
+    sqlx::query("UPDATE machines SET host_key = $2 WHERE hostname = $1")
+        .bind(&victim)
+        .bind(&other)
+        .execute(&rig.env.pool)
         .await
         .unwrap();
-    let other = PlatformKey::generate().public_line().to_owned();
-    sqlx::query("UPDATE machines SET host_key = $2 WHERE hostname = $1").bind(&victim).bind(&other).execute(&rig.env.pool).await.unwrap();
     sqlx::query(
         "UPDATE step_checkpoints SET output = (
             SELECT jsonb_agg(CASE WHEN m->>'hostname' = $2 THEN jsonb_set(m, '{host_key}', to_jsonb($3::text)) ELSE m END)
@@ -324,10 +444,19 @@ async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_run
     let done = rig.env.wait_state(run, DONE, T).await;
     assert_eq!(done.state, RunState::Failed, "{done:#?}");
     let error = done.error.unwrap();
-    assert!(error.contains(&victim) && error.to_lowercase().contains("host key"), "{error}");
+    assert!(
+        error.contains(&victim) && error.to_lowercase().contains("host key"),
+        "{error}"
+    );
     let bootstraps = rig.bootstraps(run).await;
-    assert!(!bootstraps.contains_key(&victim), "a command ran on {victim}: {bootstraps:?}");
-    assert!(rig.sim.sim.host_status(&victim).is_none(), "{victim} registered an agent");
+    assert!(
+        !bootstraps.contains_key(&victim),
+        "a command ran on {victim}: {bootstraps:?}"
+    );
+    assert!(
+        rig.sim.sim.host_status(&victim).is_none(),
+        "{victim} registered an agent"
+    );
     let steps = store::steps(&rig.env.pool, run).await.unwrap();
     let boot = steps.iter().find(|s| s.step == "bootstrap").unwrap();
     assert_eq!(boot.attempts, 1, "a fatal error is not retried");
@@ -340,7 +469,14 @@ async fn an_ssh_command_failing_once_on_one_of_five_hosts_repeats_only_that_host
     if skip("an_ssh_command_failing_once...") {
         return;
     }
-    let mut rig = Rig::new("prov_flaky", SimConfig { request_duration: Duration::from_secs(1), ..Default::default() }).await;
+    let mut rig = Rig::new(
+        "prov_flaky",
+        SimConfig {
+            request_duration: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
     // The host whose name ends in -3 fails its first bootstrap.
     let prelude = format!(
         "{ANNOUNCE}\ncase \"$(hostname)\" in *-3) [ -e /root/.failed-once ] || {{ touch /root/.failed-once; echo 'injected failure' >&2; exit 7; }};; esac"
@@ -363,7 +499,14 @@ async fn a_worker_killed_during_the_install_resumes_polling_the_same_ambari_requ
     if skip("a_worker_killed_during_the_install...") {
         return;
     }
-    let mut rig = Rig::new("prov_kill", SimConfig { request_duration: Duration::from_secs(6), ..Default::default() }).await;
+    let mut rig = Rig::new(
+        "prov_kill",
+        SimConfig {
+            request_duration: Duration::from_secs(6),
+            ..Default::default()
+        },
+    )
+    .await;
     rig.worker("provision");
     rig.worker("ssh");
     let ambari_worker = rig.worker("ambari");
@@ -382,46 +525,206 @@ async fn a_worker_killed_during_the_install_resumes_polling_the_same_ambari_requ
     let done = rig.env.wait_state(run, DONE, T).await;
     assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
     let ambari = rig.ambari();
-    let requests = ambari.list_requests(&format!("orrery-{}", cluster.simple())).await.unwrap();
+    let requests = ambari
+        .list_requests(&format!("orrery-{}", cluster.simple()))
+        .await
+        .unwrap();
     let creations = requests
         .iter()
-        .filter(|(_, ctx, _)| ctx.starts_with(orrery_workflows::ambari::client::PROVISION_CONTEXT_PREFIX))
+        .filter(|(_, ctx, _)| {
+            ctx.starts_with(orrery_workflows::ambari::client::PROVISION_CONTEXT_PREFIX)
+        })
         .count();
     assert_eq!(creations, 1, "one cluster creation request: {requests:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_during_the_install_aborts_the_request_releases_the_machines_and_fails_the_cluster() {
+async fn cancelling_during_the_install_aborts_the_request_releases_the_machines_and_fails_the_cluster(
+) {
     if skip("cancelling_during_the_install...") {
         return;
     }
-    let mut rig = Rig::new("prov_cancel", SimConfig { request_duration: Duration::from_secs(30), ..Default::default() }).await;
+    let mut rig = Rig::new(
+        "prov_cancel",
+        SimConfig {
+            request_duration: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await;
     rig.all_workers();
     let (cluster, run) = rig.request_cluster(2).await;
     rig.env
-        .wait_until("the install to be under way", T, || async { rig.env.run(run).await.cursor == 5 })
+        .wait_until("the install to be under way", T, || async {
+            rig.env.run(run).await.cursor == 5
+        })
         .await;
-    rig.env.rt.engine.cancel(run, "alice", Some("changed my mind")).await.unwrap();
+    rig.env
+        .rt
+        .engine
+        .cancel(run, "alice", Some("changed my mind"))
+        .await
+        .unwrap();
     let done = rig.env.wait_state(run, DONE, T).await;
     assert_eq!(done.state, RunState::Cancelled, "{done:#?}");
     let (state, reason) = rig.cluster_state(cluster).await;
     assert_eq!(state, "failed");
-    assert_eq!(reason.as_deref(), Some("cancelled by alice: changed my mind"));
+    assert_eq!(
+        reason.as_deref(),
+        Some("cancelled by alice: changed my mind")
+    );
     assert_eq!(rig.allocated(cluster).await, 0);
     assert!(rig.containers().is_empty());
-    let create: serde_json::Value = sqlx::query_scalar("SELECT output FROM step_checkpoints WHERE run_id = $1 AND step = 'create'")
-        .bind(run)
-        .fetch_one(&rig.env.pool)
-        .await
-        .unwrap();
+    let create: serde_json::Value = sqlx::query_scalar(
+        "SELECT output FROM step_checkpoints WHERE run_id = $1 AND step = 'create'",
+    )
+    .bind(run)
+    .fetch_one(&rig.env.pool)
+    .await
+    .unwrap();
     let request_id = create["request_id"].as_u64().unwrap();
     // The Ambari cluster was deleted; its request was aborted before that.
     let ambari = rig.ambari();
-    assert!(!ambari.cluster_exists(&format!("orrery-{}", cluster.simple())).await.unwrap());
+    assert!(!ambari
+        .cluster_exists(&format!("orrery-{}", cluster.simple()))
+        .await
+        .unwrap());
     let aborted = store::step_logs(&rig.env.pool, run)
         .await
         .unwrap()
         .into_iter()
         .any(|l| l.text == format!("Ambari request {request_id} aborted"));
     assert!(aborted, "the install request was not aborted");
+}
+
+impl Rig {
+    /// The provisioning service as a worker of this test builds it.
+    fn provisioning(&self) -> orrery_workflows::provisioning::Provisioning {
+        use orrery_workflows::infra::local::LocalConfig;
+        let (gateway, prefix_len) = orrery_workflows::infra::local::parse_subnet(SUBNET).unwrap();
+        let local = LocalConfig {
+            state_dir: PathBuf::from(STATE_ROOT),
+            bridge: BRIDGE.into(),
+            gateway,
+            prefix_len,
+            name_prefix: self.prefix.clone(),
+            capacity: 8,
+            authorized_keys: vec![self.key.public_line().to_owned()],
+            start_timeout: Duration::from_secs(15),
+        };
+        orrery_workflows::provisioning::Provisioning {
+            provider: std::sync::Arc::new(
+                LocalProvider::new(self.env.pool.clone(), local).unwrap(),
+            ),
+            ssh: SshClient::new(self.key.clone()),
+            ambari: self.ambari(),
+            agent_server: GATEWAY.into(),
+            agent_port: self.sim.agent_addr.port(),
+            stack_name: "HDP".into(),
+            stack_version: "2.6".into(),
+            profile: "standard".into(),
+            poll: Duration::from_millis(200),
+            command_timeout: Duration::from_secs(60),
+            bootstrap_prelude: String::new(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_past_its_time_to_live_is_terminated_as_a_task_of_its_owner() {
+    if skip("a_cluster_past_its_time_to_live...") {
+        return;
+    }
+    let mut rig = Rig::new(
+        "prov_ttl",
+        SimConfig {
+            request_duration: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await;
+    rig.all_workers();
+    let (cluster, run) = rig.request_cluster(1).await;
+    assert_eq!(
+        rig.env.wait_state(run, DONE, T).await.state,
+        RunState::Succeeded
+    );
+    let none = orrery_workflows::provisioning::upkeep::expire_clusters(&rig.env.rt.engine)
+        .await
+        .unwrap();
+    assert_eq!(none, 0, "a cluster without expiry is left alone");
+    sqlx::query("UPDATE clusters SET expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(cluster)
+        .execute(&rig.env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        orrery_workflows::provisioning::upkeep::expire_clusters(&rig.env.rt.engine)
+            .await
+            .unwrap(),
+        1
+    );
+    let term: Uuid = sqlx::query_scalar(
+        "SELECT run_id FROM tasks WHERE cluster_id = $1 AND kind = 'terminate_cluster'",
+    )
+    .bind(cluster)
+    .fetch_one(&rig.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rig.env.wait_state(term, DONE, T).await.state,
+        RunState::Succeeded
+    );
+    assert_eq!(rig.cluster_state(cluster).await.0, "terminated");
+    assert!(rig.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inventory_reconciler_reclaims_forgotten_containers_and_flags_vanished_ones() {
+    if skip("the_inventory_reconciler...") {
+        return;
+    }
+    let rig = Rig::new("prov_inventory", SimConfig::default()).await;
+    let p = rig.provisioning();
+    // A container nobody recorded (a crash between create and insert).
+    let orphan = format!("{}orphan", rig.prefix);
+    rig.host.create(&orphan, None).unwrap();
+    // An allocated machine whose container vanished behind our back.
+    let cluster = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    sqlx::query("INSERT INTO users (id, name) VALUES ($1, 'bob')")
+        .bind(user)
+        .execute(&rig.env.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO clusters (id, name, owner_id, size, services, state) VALUES ($1, 'c', $2, 1, '{}', 'running')")
+        .bind(cluster)
+        .bind(user)
+        .execute(&rig.env.pool)
+        .await
+        .unwrap();
+    let gone = format!("{}gone", rig.prefix);
+    sqlx::query(
+        "INSERT INTO machines (id, provider, hostname, address, host_key, state, cluster_id)
+         VALUES ($1, 'local', $2, '10.79.255.254', $3, 'allocated', $4)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(&gone)
+    .bind(rig.key.public_line())
+    .bind(cluster)
+    .execute(&rig.env.pool)
+    .await
+    .unwrap();
+    let done = orrery_workflows::provisioning::upkeep::reconcile_inventory(&p, &rig.env.pool)
+        .await
+        .unwrap();
+    assert_eq!(done.reclaimed, [orphan.clone()]);
+    assert_eq!(done.broken, [gone.clone()]);
+    assert!(rig.containers().is_empty(), "the orphan still exists");
+    let state: String = sqlx::query_scalar("SELECT state FROM machines WHERE hostname = $1")
+        .bind(&gone)
+        .fetch_one(&rig.env.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "broken");
 }

@@ -7,6 +7,7 @@
 //!   one process, for a laptop.
 
 mod admin;
+mod infra;
 
 use std::time::Duration;
 
@@ -46,6 +47,11 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: admin::AdminCommand,
+    },
+    /// Machines: prepare local containers, register pool machines, list.
+    Infra {
+        #[command(subcommand)]
+        command: infra::InfraCommand,
     },
 }
 
@@ -120,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => migrate(&cfg).await,
         Command::Dev => dev(cfg).await,
         Command::Admin { command } => admin::run(&cfg, command).await,
+        Command::Infra { command } => infra::run(&cfg, command).await,
         Command::Run { command } => run_command(cfg, command).await,
     }
 }
@@ -303,7 +310,8 @@ async fn dev(cfg: EngineConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let app = orrery_api::app::App::new(rt.engine.clone(), redis, orrery_api::ApiConfig::from_env()?);
+    let app =
+        orrery_api::app::App::new(rt.engine.clone(), redis, orrery_api::ApiConfig::from_env()?);
     let s = shutdown.clone();
     tasks.spawn(async move {
         if let Err(err) = orrery_api::serve_app(app, listener, s).await {

@@ -8,8 +8,8 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context;
 use orrery_workflows::{
-    builtin, config::connect_db, provisioning, consumer, cron, dispatch::RedisDispatcher, reconciler, Engine,
-    EngineConfig, Registry, Services,
+    builtin, config::connect_db, consumer, cron, dispatch::RedisDispatcher, provisioning,
+    reconciler, Engine, EngineConfig, Registry, Services,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,10 @@ pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow:
     builtin::register(&mut registry, config.test_workflows);
     provisioning::register(&mut registry);
     let mut services = Services::new();
-    if let Err(why) = provisioning::install(&mut services, provisioning::ProvisioningEnv { pool: pool.clone() }) {
+    if let Err(why) = provisioning::install(
+        &mut services,
+        provisioning::ProvisioningEnv { pool: pool.clone() },
+    ) {
         tracing::warn!(%why, "provisioning is not configured in this process; its steps fail until it is");
     }
     let engine = Engine::new(
@@ -136,9 +139,32 @@ pub fn spawn_scheduler(
             Ok(format!("{total} finished dispatches removed from Redis"))
         }
     })?;
+    let e = engine.clone();
+    let expire = cron::CronJob::new("expire_clusters", "15 * * * * *", move || {
+        let e = e.clone();
+        async move {
+            provisioning::upkeep::expire_clusters(&e)
+                .await
+                .map(|n| format!("{n} expired cluster(s) sent to termination"))
+                .map_err(|err| err.to_string())
+        }
+    })?;
+    let e = engine.clone();
+    let inventory = cron::CronJob::new("reconcile_inventory", "45 */5 * * * *", move || {
+        let e = e.clone();
+        async move {
+            let Some(p) = e.services.get::<provisioning::Provisioning>() else {
+                return Ok("provisioning not configured here; skipped".to_string());
+            };
+            provisioning::upkeep::reconcile_inventory(&p, &e.pool)
+                .await
+                .map(|r| format!("reclaimed {:?}, marked broken {:?}", r.reclaimed, r.broken))
+                .map_err(|err| err.to_string())
+        }
+    })?;
     tasks.spawn(cron::run(
         engine.pool.clone(),
-        vec![purge, vacuum],
+        vec![purge, vacuum, expire, inventory],
         engine.worker_id.to_string(),
         shutdown.clone(),
     ));

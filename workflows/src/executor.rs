@@ -261,7 +261,7 @@ impl Engine {
         Ok(outcome)
     }
 
-    pub(crate) async fn dispatch_or_log(&self, queue: &str, run_id: Uuid) {
+    pub async fn dispatch_or_log(&self, queue: &str, run_id: Uuid) {
         if let Err(err) = self.dispatcher.dispatch(queue, run_id).await {
             tracing::warn!(%run_id, queue, error = %err, "dispatch failed; the reconciler will retry it");
         }

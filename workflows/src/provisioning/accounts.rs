@@ -26,7 +26,11 @@ pub fn valid_username(name: &str) -> bool {
 /// home, `~/.ssh/authorized_keys` exactly as given, sudo if asked.
 pub fn create_account(a: &Account) -> String {
     let user = shell_quote(&a.username);
-    let keys = if a.ssh_enabled { a.public_keys.trim() } else { "" };
+    let keys = if a.ssh_enabled {
+        a.public_keys.trim()
+    } else {
+        ""
+    };
     let sudoers = format!("/etc/sudoers.d/orrery-{}", a.username);
     let sudo = if a.sudoer {
         format!(
@@ -96,7 +100,15 @@ mod tests {
         for ok in ["alice", "_svc", "bob-2", "a_b"] {
             assert!(valid_username(ok), "{ok}");
         }
-        for bad in ["", "Alice", "1bob", "a b", "x;rm -rf /", "a/b", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "Alice",
+            "1bob",
+            "a b",
+            "x;rm -rf /",
+            "a/b",
+            &"a".repeat(33),
+        ] {
             assert!(!valid_username(bad), "{bad}");
         }
     }
@@ -110,7 +122,10 @@ mod tests {
             ssh_enabled: true,
         };
         let cmd = create_account(&a);
-        assert!(cmd.contains("'ssh-ed25519 AAAA alice@x'\\''; touch /pwned; echo '\\'''"), "{cmd}");
+        assert!(
+            cmd.contains("'ssh-ed25519 AAAA alice@x'\\''; touch /pwned; echo '\\'''"),
+            "{cmd}"
+        );
         assert!(cmd.contains("rm -f '/etc/sudoers.d/orrery-alice'"));
     }
 

@@ -38,7 +38,12 @@ pub async fn load(pool: &PgPool, id: Uuid) -> Result<ClusterRow, StepError> {
 }
 
 /// Set the cluster's state and reason (a terminal one also stamps `terminated_at`).
-pub async fn set_state(pool: &PgPool, id: Uuid, state: &str, reason: Option<&str>) -> Result<(), StepError> {
+pub async fn set_state(
+    pool: &PgPool,
+    id: Uuid,
+    state: &str,
+    reason: Option<&str>,
+) -> Result<(), StepError> {
     sqlx::query(
         "UPDATE clusters SET state = $2, state_reason = $3, updated_at = now(),
              terminated_at = CASE WHEN $2 = 'terminated' THEN now() ELSE terminated_at END
@@ -87,7 +92,11 @@ pub async fn machines(pool: &PgPool, cluster_id: Uuid) -> Result<Vec<Machine>, S
 }
 
 /// Accounts to create: every cluster user not being removed (or only `only`).
-pub async fn accounts(pool: &PgPool, cluster_id: Uuid, only: Option<&str>) -> Result<Vec<Account>, StepError> {
+pub async fn accounts(
+    pool: &PgPool,
+    cluster_id: Uuid,
+    only: Option<&str>,
+) -> Result<Vec<Account>, StepError> {
     let rows = sqlx::query(
         "SELECT username, COALESCE(public_key, '') AS public_key, is_sudoer, ssh_enabled
          FROM cluster_users

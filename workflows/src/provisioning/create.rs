@@ -50,7 +50,10 @@ fn pg(ctx: &StepCtx) -> Result<std::sync::Arc<sqlx::PgPool>, StepError> {
 }
 
 pub(crate) fn hostnames(machines: &[Machine]) -> Vec<String> {
-    machines.iter().map(|m| m.hostname.to_ascii_lowercase()).collect()
+    machines
+        .iter()
+        .map(|m| m.hostname.to_ascii_lowercase())
+        .collect()
 }
 
 fn random_secret() -> String {
@@ -58,7 +61,11 @@ fn random_secret() -> String {
 }
 
 /// Poll an Ambari request: done, failed (fatal, with Ambari's reason), or not yet.
-pub(crate) async fn follow(p: &Provisioning, ambari_cluster: &str, id: Option<RequestId>) -> Result<Progress<Value>, StepError> {
+pub(crate) async fn follow(
+    p: &Provisioning,
+    ambari_cluster: &str,
+    id: Option<RequestId>,
+) -> Result<Progress<Value>, StepError> {
     let Some(id) = id else {
         return Ok(Progress::Done(json!({ "request_id": null })));
     };
@@ -71,13 +78,17 @@ pub(crate) async fn follow(p: &Provisioning, ambari_cluster: &str, id: Option<Re
         )));
     }
     if state.status.is_finished() {
-        return Ok(Progress::Done(json!({ "request_id": id, "progress": state.progress_percent })));
+        return Ok(Progress::Done(
+            json!({ "request_id": id, "progress": state.progress_percent }),
+        ));
     }
     Ok(Progress::WaitFor(p.poll))
 }
 
 fn ambari_retry() -> RetryPolicy {
-    RetryPolicy::default().attempts(8).delays(Duration::from_millis(200), Duration::from_secs(10))
+    RetryPolicy::default()
+        .attempts(8)
+        .delays(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 pub fn create_cluster() -> Workflow {
@@ -262,7 +273,11 @@ pub fn create_cluster() -> Workflow {
         }))
 }
 
-pub(crate) async fn grant_ambari_user(p: &Provisioning, cluster: &str, username: &str) -> Result<(), StepError> {
+pub(crate) async fn grant_ambari_user(
+    p: &Provisioning,
+    cluster: &str,
+    username: &str,
+) -> Result<(), StepError> {
     p.ambari
         .create_user(&NewUser {
             user_name: username.to_owned(),
@@ -293,12 +308,17 @@ pub(crate) fn accounts_step(name: &str) -> Step {
                 // grant_user: the machines come from the inventory (see `users`).
                 Err(_) => ctx.output("machines")?,
             };
-            Ok(machines.into_iter().enumerate().map(|(i, m)| (m.hostname.clone(), (i == 0, m))).collect())
+            Ok(machines
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| (m.hostname.clone(), (i == 0, m)))
+                .collect())
         },
         |ctx: StepCtx, _host: String, (master, machine): (bool, Machine)| async move {
             let p = ctx.service::<Provisioning>()?;
             let input: UserInput = ctx.input()?;
-            let users = cluster::accounts(&*pg(&ctx)?, input.cluster_id, input.username.as_deref()).await?;
+            let users =
+                cluster::accounts(&*pg(&ctx)?, input.cluster_id, input.username.as_deref()).await?;
             let mut commands: Vec<(&str, String)> = Vec::new();
             for u in &users {
                 commands.push(("account", super::accounts::create_account(u)));
@@ -309,10 +329,17 @@ pub(crate) fn accounts_step(name: &str) -> Step {
                 }
             }
             run_on(&ctx, &p, &machine, &commands).await?;
-            let names: BTreeMap<String, bool> = users.iter().map(|u| (u.username.clone(), u.sudoer)).collect();
+            let names: BTreeMap<String, bool> = users
+                .iter()
+                .map(|u| (u.username.clone(), u.sudoer))
+                .collect();
             Ok::<_, StepError>(json!({ "users": names, "master": master }))
         },
     )
     .concurrency(16)
-    .retry(RetryPolicy::default().attempts(4).delays(Duration::from_millis(200), Duration::from_secs(5)))
+    .retry(
+        RetryPolicy::default()
+            .attempts(4)
+            .delays(Duration::from_millis(200), Duration::from_secs(5)),
+    )
 }

@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod cluster;
 mod create;
 mod terminate;
+pub mod upkeep;
 mod users;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -73,23 +74,37 @@ impl Provisioning {
     /// Read `ORRERY_*` settings and build the provider and clients.
     pub fn from_env(env: ProvisioningEnv) -> Result<Self, String> {
         let e = |err: ConfigError| err.to_string();
-        let key_path: PathBuf = var("ORRERY_SSH_KEY", PathBuf::from("/var/lib/orrery/ssh/id_ed25519")).map_err(e)?;
+        let key_path: PathBuf = var(
+            "ORRERY_SSH_KEY",
+            PathBuf::from("/var/lib/orrery/ssh/id_ed25519"),
+        )
+        .map_err(e)?;
         let key = PlatformKey::load_or_generate(&key_path).map_err(|err| err.to_string())?;
         let provider_name: String = var("ORRERY_PROVIDER", "local".to_string()).map_err(e)?;
         let provider: Arc<dyn Provider> = match provider_name.as_str() {
             "pool" => Arc::new(PoolProvider::new(env.pool.clone())),
             "local" => {
-                let config = LocalConfig::from_env(key.public_line()).map_err(|err| err.to_string())?;
-                Arc::new(LocalProvider::new(env.pool.clone(), config).map_err(|err| err.to_string())?)
+                let config =
+                    LocalConfig::from_env(key.public_line()).map_err(|err| err.to_string())?;
+                Arc::new(
+                    LocalProvider::new(env.pool.clone(), config).map_err(|err| err.to_string())?,
+                )
             }
-            other => return Err(format!("ORRERY_PROVIDER={other:?} is invalid: expected `local` or `pool`")),
+            other => {
+                return Err(format!(
+                    "ORRERY_PROVIDER={other:?} is invalid: expected `local` or `pool`"
+                ))
+            }
         };
         let stack: String = var("ORRERY_STACK", "HDP-2.6".to_string()).map_err(e)?;
         let (stack_name, stack_version) = stack
             .split_once('-')
             .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .ok_or_else(|| format!("ORRERY_STACK={stack:?} is invalid: expected NAME-VERSION, e.g. HDP-2.6"))?;
-        let ambari = AmbariClient::new(AmbariConfig::from_env().map_err(e)?).map_err(|err| err.to_string())?;
+            .ok_or_else(|| {
+                format!("ORRERY_STACK={stack:?} is invalid: expected NAME-VERSION, e.g. HDP-2.6")
+            })?;
+        let ambari = AmbariClient::new(AmbariConfig::from_env().map_err(e)?)
+            .map_err(|err| err.to_string())?;
         Ok(Provisioning {
             provider,
             ssh: SshClient::new(key),
@@ -100,7 +115,9 @@ impl Provisioning {
             stack_version,
             profile: var("ORRERY_PROFILE", "standard".to_string()).map_err(e)?,
             poll: Duration::from_millis(var("ORRERY_AMBARI_POLL_MS", 1000u64).map_err(e)?),
-            command_timeout: Duration::from_millis(var("ORRERY_SSH_COMMAND_TIMEOUT_MS", 120_000u64).map_err(e)?),
+            command_timeout: Duration::from_millis(
+                var("ORRERY_SSH_COMMAND_TIMEOUT_MS", 120_000u64).map_err(e)?,
+            ),
             bootstrap_prelude: var("ORRERY_BOOTSTRAP_PRELUDE", String::new()).map_err(e)?,
         })
     }
@@ -130,7 +147,10 @@ pub(crate) async fn run_on(
     machine: &crate::infra::Machine,
     commands: &[(&str, String)],
 ) -> Result<(), crate::error::StepError> {
-    let session = p.ssh.connect(&crate::ssh::SshTarget::from(machine), &ctx.cancel).await?;
+    let session = p
+        .ssh
+        .connect(&crate::ssh::SshTarget::from(machine), &ctx.cancel)
+        .await?;
     for (label, command) in commands {
         let result = session.run(command, p.command_timeout, &ctx.cancel).await;
         let output = match &result {
@@ -140,7 +160,8 @@ pub(crate) async fn run_on(
         if let Some(out) = output {
             for (stream, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
                 if !text.trim().is_empty() {
-                    ctx.log(&format!("{} {label} {stream}", machine.hostname), text).await;
+                    ctx.log(&format!("{} {label} {stream}", machine.hostname), text)
+                        .await;
                 }
             }
         }

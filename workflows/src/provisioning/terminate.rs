@@ -20,7 +20,9 @@ use crate::{
 };
 
 fn retry() -> RetryPolicy {
-    RetryPolicy::default().attempts(8).delays(Duration::from_millis(200), Duration::from_secs(10))
+    RetryPolicy::default()
+        .attempts(8)
+        .delays(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 pub fn terminate_cluster() -> Workflow {

@@ -26,31 +26,49 @@ fn username(input: &UserInput) -> Result<String, StepError> {
         .clone()
         .ok_or_else(|| StepError::fatal("input field `username` is required"))?;
     if !valid_username(&name) {
-        return Err(StepError::fatal(format!("`{name}` is not a valid UNIX user name")));
+        return Err(StepError::fatal(format!(
+            "`{name}` is not a valid UNIX user name"
+        )));
     }
     Ok(name)
 }
 
 /// First step of both: the cluster's machines, from the inventory.
 fn machines_step() -> Step {
-    Step::new("machines", PROVISION, |ctx: StepCtx, input: UserInput| async move {
-        username(&input)?;
-        let pool = ctx.service::<sqlx::PgPool>()?;
-        let c = cluster::load(&pool, input.cluster_id).await?;
-        if c.state != "running" {
-            return Err(StepError::fatal(format!("cluster {} is {}, not running", c.id, c.state)));
-        }
-        Ok::<_, StepError>(cluster::machines(&pool, input.cluster_id).await?)
-    })
+    Step::new(
+        "machines",
+        PROVISION,
+        |ctx: StepCtx, input: UserInput| async move {
+            username(&input)?;
+            let pool = ctx.service::<sqlx::PgPool>()?;
+            let c = cluster::load(&pool, input.cluster_id).await?;
+            if c.state != "running" {
+                return Err(StepError::fatal(format!(
+                    "cluster {} is {}, not running",
+                    c.id, c.state
+                )));
+            }
+            Ok::<_, StepError>(cluster::machines(&pool, input.cluster_id).await?)
+        },
+    )
     .compensate(|ctx: StepCtx, input: UserInput| async move {
         let pool = ctx.service::<sqlx::PgPool>()?;
         let name = input.username.as_deref();
-        cluster::set_users_state(&pool, input.cluster_id, name, &["pending", "removing"], "failed").await
+        cluster::set_users_state(
+            &pool,
+            input.cluster_id,
+            name,
+            &["pending", "removing"],
+            "failed",
+        )
+        .await
     })
 }
 
 fn retry() -> RetryPolicy {
-    RetryPolicy::default().attempts(8).delays(Duration::from_millis(200), Duration::from_secs(10))
+    RetryPolicy::default()
+        .attempts(8)
+        .delays(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 pub fn grant_user() -> Workflow {
@@ -59,20 +77,37 @@ pub fn grant_user() -> Workflow {
         .step(machines_step())
         .step(accounts_step("accounts"))
         .step(
-            Step::new("ambari_user", AMBARI, |ctx: StepCtx, input: UserInput| async move {
-                let p = ctx.service::<Provisioning>()?;
-                let name = username(&input)?;
-                grant_ambari_user(&p, &cluster::ambari_name(input.cluster_id), &name).await?;
-                Ok::<_, StepError>(name)
-            })
+            Step::new(
+                "ambari_user",
+                AMBARI,
+                |ctx: StepCtx, input: UserInput| async move {
+                    let p = ctx.service::<Provisioning>()?;
+                    let name = username(&input)?;
+                    grant_ambari_user(&p, &cluster::ambari_name(input.cluster_id), &name).await?;
+                    Ok::<_, StepError>(name)
+                },
+            )
             .retry(retry()),
         )
-        .step(Step::new("activate", PROVISION, |ctx: StepCtx, input: UserInput| async move {
-            let pool = ctx.service::<sqlx::PgPool>()?;
-            let name = username(&input)?;
-            cluster::set_users_state(&pool, input.cluster_id, Some(&name), &["pending"], "active").await?;
-            Ok::<_, StepError>(json!({ "cluster_id": input.cluster_id, "username": name, "state": "active" }))
-        }))
+        .step(Step::new(
+            "activate",
+            PROVISION,
+            |ctx: StepCtx, input: UserInput| async move {
+                let pool = ctx.service::<sqlx::PgPool>()?;
+                let name = username(&input)?;
+                cluster::set_users_state(
+                    &pool,
+                    input.cluster_id,
+                    Some(&name),
+                    &["pending"],
+                    "active",
+                )
+                .await?;
+                Ok::<_, StepError>(
+                    json!({ "cluster_id": input.cluster_id, "username": name, "state": "active" }),
+                )
+            },
+        ))
 }
 
 pub fn revoke_user() -> Workflow {
@@ -85,12 +120,21 @@ pub fn revoke_user() -> Workflow {
                 SSH,
                 |ctx: &StepCtx, _: UserInput| {
                     let machines: Vec<Machine> = ctx.output("machines")?;
-                    Ok(machines.into_iter().map(|m| (m.hostname.clone(), m)).collect())
+                    Ok(machines
+                        .into_iter()
+                        .map(|m| (m.hostname.clone(), m))
+                        .collect())
                 },
                 |ctx: StepCtx, host: String, machine: Machine| async move {
                     let p = ctx.service::<Provisioning>()?;
                     let name = username(&ctx.input()?)?;
-                    run_on(&ctx, &p, &machine, &[("remove account", remove_account(&name))]).await?;
+                    run_on(
+                        &ctx,
+                        &p,
+                        &machine,
+                        &[("remove account", remove_account(&name))],
+                    )
+                    .await?;
                     Ok::<_, StepError>(json!({ "host": host }))
                 },
             )
@@ -98,19 +142,38 @@ pub fn revoke_user() -> Workflow {
             .retry(retry()),
         )
         .step(
-            Step::new("ambari_revoke", AMBARI, |ctx: StepCtx, input: UserInput| async move {
-                let p = ctx.service::<Provisioning>()?;
-                let name = username(&input)?;
-                p.ambari.revoke_cluster_privileges(&cluster::ambari_name(input.cluster_id), &name).await?;
-                p.ambari.delete_user(&name).await?;
-                Ok::<_, StepError>(name)
-            })
+            Step::new(
+                "ambari_revoke",
+                AMBARI,
+                |ctx: StepCtx, input: UserInput| async move {
+                    let p = ctx.service::<Provisioning>()?;
+                    let name = username(&input)?;
+                    p.ambari
+                        .revoke_cluster_privileges(&cluster::ambari_name(input.cluster_id), &name)
+                        .await?;
+                    p.ambari.delete_user(&name).await?;
+                    Ok::<_, StepError>(name)
+                },
+            )
             .retry(retry()),
         )
-        .step(Step::new("deactivate", PROVISION, |ctx: StepCtx, input: UserInput| async move {
-            let pool = ctx.service::<sqlx::PgPool>()?;
-            let name = username(&input)?;
-            cluster::set_users_state(&pool, input.cluster_id, Some(&name), &["removing", "active", "pending"], "removed").await?;
-            Ok::<_, StepError>(json!({ "cluster_id": input.cluster_id, "username": name, "state": "removed" }))
-        }))
+        .step(Step::new(
+            "deactivate",
+            PROVISION,
+            |ctx: StepCtx, input: UserInput| async move {
+                let pool = ctx.service::<sqlx::PgPool>()?;
+                let name = username(&input)?;
+                cluster::set_users_state(
+                    &pool,
+                    input.cluster_id,
+                    Some(&name),
+                    &["removing", "active", "pending"],
+                    "removed",
+                )
+                .await?;
+                Ok::<_, StepError>(
+                    json!({ "cluster_id": input.cluster_id, "username": name, "state": "removed" }),
+                )
+            },
+        ))
 }
