@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use orrery_workflows::{
-    builtin,
     config::{var, ConfigError},
     dispatch::RedisDispatcher,
-    Engine, EngineConfig, Registry, Services,
+    Engine, EngineConfig, Services,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +78,7 @@ impl App {
                 .await
                 .context("cannot connect to Redis (ORRERY_REDIS_URL)")?,
         );
-        let mut registry = Registry::new();
-        builtin::register(&mut registry, engine_cfg.test_workflows);
+        let registry = orrery_workflows::registry(engine_cfg.test_workflows);
         let engine = Engine::new(
             pool,
             Arc::new(registry),

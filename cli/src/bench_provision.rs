@@ -162,7 +162,11 @@ struct Bench {
     workers: Vec<(String, Child, PathBuf)>,
     user: Uuid,
     clusters: usize,
+    /// `/proc/stat` samples: (when, busy jiffies, all jiffies) of the whole machine.
+    cpu: CpuSamples,
 }
+
+type CpuSamples = std::sync::Arc<std::sync::Mutex<Vec<(DateTime<Utc>, u64, u64)>>>;
 
 async fn bench(args: Args, suffix: String, dir: PathBuf, key_path: PathBuf) -> anyhow::Result<()> {
     let worker_bin = std::env::current_exe()?
@@ -200,6 +204,7 @@ async fn bench(args: Args, suffix: String, dir: PathBuf, key_path: PathBuf) -> a
         workers: Vec::new(),
         user: Uuid::new_v4(),
         clusters: 0,
+        cpu: CpuSamples::default(),
     };
     println!(
         "orrery-bench-provision: database {}, Redis namespace {}, bridge {BRIDGE} ({SUBNET}), containers {}* in {STATE_ROOT}, logs in {}",
@@ -208,10 +213,12 @@ async fn bench(args: Args, suffix: String, dir: PathBuf, key_path: PathBuf) -> a
         b.prefix,
         b.dir.display()
     );
+    let sampler = tokio::spawn(sample_cpu(b.cpu.clone()));
     let result = tokio::select! {
         r = run(&mut b, &worker_bin, &key_path) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
+    sampler.abort();
     let clean = b.cleanup(result.is_ok()).await;
     result.and(clean)
 }
@@ -338,6 +345,18 @@ async fn run(b: &mut Bench, worker_bin: &Path, key_path: &Path) -> anyhow::Resul
         "emulator: request_duration 0, agent heartbeat 1 s; workers: provision, ssh, ambari, scheduler (ORRERY_AMBARI_POLL_MS={}); release build",
         b.args.poll_ms
     );
+    println!(
+        "machine: {} cores, load average {} at start",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!();
 
     // Warm-up: first SSH handshakes, connection pools, page cache.
@@ -359,10 +378,11 @@ async fn run(b: &mut Bench, worker_bin: &Path, key_path: &Path) -> anyhow::Resul
     }
     println!("bootstrap (step `bootstrap`, ssh queue, hosts in parallel; wall = started_at → finished_at of the step)");
     println!(
-        "{:>5}  {:>10}  {:>34}  {:>10}  {:>10}  {:>14}",
+        "{:>5}  {:>10}  {:>34}  {:>24}  {:>10}  {:>10}  {:>14}",
         "hosts",
         "bootstrap",
         "per host min / median / max",
+        "machine CPU in bootstrap",
         "allocate",
         "create e2e",
         "terminate e2e"
@@ -383,10 +403,11 @@ async fn run(b: &mut Bench, worker_bin: &Path, key_path: &Path) -> anyhow::Resul
             )
         };
         println!(
-            "{:>5}  {:>10}  {:>34}  {:>10}  {:>10}  {:>14}",
+            "{:>5}  {:>10}  {:>34}  {:>24}  {:>10}  {:>10}  {:>14}",
             size,
             secs(boot.wall()),
             per_host,
+            b.cpu_during(boot.started, boot.finished),
             secs(allocate.wall()),
             secs(r.total),
             secs(*term)
@@ -478,9 +499,10 @@ async fn run(b: &mut Bench, worker_bin: &Path, key_path: &Path) -> anyhow::Resul
     );
     let boot = r.step("bootstrap")?;
     println!(
-        "          agent bootstrap over SSH (step `bootstrap`) {} ({:.0}%); Ambari steps {} ({:.0}%)",
+        "          agent bootstrap over SSH (step `bootstrap`) {} ({:.0}%, machine CPU {}); Ambari steps {} ({:.0}%)",
         ms_d(boot.wall()),
         pct(boot.wall()),
+        b.cpu_during(boot.started, boot.finished),
         ms_d(r.queue_time(&queues, "ambari")),
         pct(r.queue_time(&queues, "ambari"))
     );
@@ -539,6 +561,30 @@ impl Provisioned {
 }
 
 impl Bench {
+    /// How busy the whole machine was between `from` and `to` (from the
+    /// `/proc/stat` samples around that window): share of all cores, and
+    /// CPU-seconds.
+    fn cpu_during(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> String {
+        let samples = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let before = samples.iter().rev().find(|s| s.0 <= from);
+        let after = samples.iter().find(|s| s.0 >= to).or(samples.last());
+        match (before, after) {
+            (Some(a), Some(b)) if b.2 > a.2 => {
+                let (busy, all) = ((b.1 - a.1) as f64, (b.2 - a.2) as f64);
+                let wall = (b.0 - a.0).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                let cores = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1) as f64;
+                format!(
+                    "{:.0}% ({:.2} CPU-s)",
+                    100.0 * busy / all,
+                    busy / all * cores * wall
+                )
+            }
+            _ => "-".into(),
+        }
+    }
+
     fn pool(&self) -> &PgPool {
         self.pool.as_ref().expect("database set up")
     }
@@ -812,6 +858,32 @@ impl Bench {
         } else {
             bail!("cleanup: {}", problems.join("; "))
         }
+    }
+}
+
+/// Sample the machine's CPU counters (first line of `/proc/stat`) every 10 ms.
+async fn sample_cpu(samples: CpuSamples) {
+    loop {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        if fields.len() == 8 {
+            // user nice system idle iowait irq softirq steal
+            let all: u64 = fields.iter().sum();
+            let busy = all - fields[3] - fields[4];
+            samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Utc::now(), busy, all));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -8,8 +8,8 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context;
 use orrery_workflows::{
-    builtin, config::connect_db, consumer, cron, dispatch::RedisDispatcher, provisioning,
-    reconciler, Engine, EngineConfig, Registry, Services,
+    config::connect_db, consumer, cron, dispatch::RedisDispatcher, provisioning, reconciler,
+    Engine, EngineConfig, Registry, Services,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -34,9 +34,7 @@ pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow:
             .await
             .context("cannot connect to Redis (ORRERY_REDIS_URL)")?,
     );
-    let mut registry = Registry::new();
-    builtin::register(&mut registry, config.test_workflows);
-    provisioning::register(&mut registry);
+    let registry = orrery_workflows::registry(config.test_workflows);
     let mut services = Services::new();
     if let Err(why) = provisioning::install(
         &mut services,

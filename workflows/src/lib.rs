@@ -45,6 +45,16 @@ pub use executor::Engine;
 pub use state::RunState;
 pub use workflow::{Progress, Registry, Services, Step, StepCtx, Workflow};
 
+/// Every workflow this build ships: the demonstration, callback delivery and
+/// the cluster workflows, plus the test workflows when asked. API and workers
+/// build their registry with this one function so they always agree.
+pub fn registry(test_workflows: bool) -> Registry {
+    let mut registry = Registry::new();
+    builtin::register(&mut registry, test_workflows);
+    provisioning::register(&mut registry);
+    registry
+}
+
 /// The schema, embedded from `migrations/`; the one migrator used by the
 /// `orrery migrate` command and by every test database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -21,15 +21,16 @@ use orrery_workflows::{
 )]
 struct Args {
     /// Address of the REST API (`/api/v1`) and the fault endpoint (`/_sim/faults`).
-    #[arg(long, env = "ORRERY_AMBARI_SIM_ADDR", default_value = "127.0.0.1:8080")]
+    /// 8081 by default, beside `orrery-api` on 8080 (a real Ambari uses 8080).
+    #[arg(long, env = "ORRERY_AMBARI_SIM_ADDR", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
     /// Address agents register and heartbeat on (the real agent's port is
-    /// 8440). Containers must be able to reach it: bind their bridge
-    /// address or 0.0.0.0.
+    /// 8440). Containers must be able to reach it: by default the local
+    /// provider's bridge address (`orrery infra prepare` creates the bridge).
     #[arg(
         long,
         env = "ORRERY_AMBARI_SIM_AGENT_ADDR",
-        default_value = "127.0.0.1:8440"
+        default_value = "10.77.0.1:8440"
     )]
     agent_listen: SocketAddr,
     #[arg(long, env = "ORRERY_AMBARI_SIM_USER", default_value = "admin")]

@@ -81,7 +81,7 @@ impl AmbariConfig {
         let timeout_ms: u64 = var("ORRERY_AMBARI_TIMEOUT_MS", 30_000)?;
         Ok(AmbariConfig::new(var::<String>(
             "ORRERY_AMBARI_URL",
-            "http://127.0.0.1:8080".into(),
+            "http://127.0.0.1:8081".into(),
         )?)
         .credentials(
             var::<String>("ORRERY_AMBARI_USER", "admin".into())?,
