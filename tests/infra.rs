@@ -42,22 +42,7 @@ fn test_state_root() -> PathBuf {
     PathBuf::from("/var/tmp/orrery-test-containers")
 }
 
-/// True (after saying why on stderr) when this machine cannot run containers.
-fn skip_without_containers(test: &str) -> bool {
-    match LocalProvider::check() {
-        Ok(()) => false,
-        Err(e) => {
-            // Written to the real stderr: libtest would swallow `eprintln!`
-            // of a passing test.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: local containers are not possible here: {e}"
-            );
-            true
-        }
-    }
-}
+use support::skip_without_containers;
 
 /// A local provider with a prefix of its own, destroying its containers on drop.
 struct Rig {

@@ -34,20 +34,6 @@ const STATE_ROOT: &str = "/var/tmp/orrery-test-provisioning";
 const T: Duration = Duration::from_secs(120);
 const DONE: &[RunState] = &[RunState::Succeeded, RunState::Failed, RunState::Cancelled];
 
-fn skip(test: &str) -> bool {
-    match LocalProvider::check() {
-        Ok(()) => false,
-        Err(e) => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: local containers are not possible here: {e}"
-            );
-            true
-        }
-    }
-}
-
 /// One test's world: database, Redis namespace, emulator, container prefix, workers.
 struct Rig {
     env: TestEnv,
@@ -219,7 +205,7 @@ const ANNOUNCE: &str = "echo \"bootstrap attempt on $(hostname)\" >&2";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_terminates_without_leftovers(
 ) {
-    if skip("a_three_node_cluster...") {
+    if support::skip_without_containers("a_three_node_cluster...") {
         return;
     }
     let mut rig = Rig::new(
@@ -322,7 +308,7 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambari_answering_500_to_30_percent_of_calls_still_ends_running() {
-    if skip("ambari_answering_500...") {
+    if support::skip_without_containers("ambari_answering_500...") {
         return;
     }
     let faults = Faults {
@@ -357,7 +343,7 @@ async fn ambari_answering_500_to_30_percent_of_calls_still_ends_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_cluster_with_the_reason()
 {
-    if skip("an_ambari_request_that_fails...") {
+    if support::skip_without_containers("an_ambari_request_that_fails...") {
         return;
     }
     let faults = Faults {
@@ -400,7 +386,7 @@ async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_clust
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_runs_nothing_there() {
-    if skip("a_changed_host_key...") {
+    if support::skip_without_containers("a_changed_host_key...") {
         return;
     }
     let mut rig = Rig::new("prov_hostkey", SimConfig::default()).await;
@@ -466,7 +452,7 @@ async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ssh_command_failing_once_on_one_of_five_hosts_repeats_only_that_hosts_bootstrap() {
-    if skip("an_ssh_command_failing_once...") {
+    if support::skip_without_containers("an_ssh_command_failing_once...") {
         return;
     }
     let mut rig = Rig::new(
@@ -496,7 +482,7 @@ async fn an_ssh_command_failing_once_on_one_of_five_hosts_repeats_only_that_host
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_during_the_install_resumes_polling_the_same_ambari_request() {
-    if skip("a_worker_killed_during_the_install...") {
+    if support::skip_without_containers("a_worker_killed_during_the_install...") {
         return;
     }
     let mut rig = Rig::new(
@@ -541,7 +527,7 @@ async fn a_worker_killed_during_the_install_resumes_polling_the_same_ambari_requ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_during_the_install_aborts_the_request_releases_the_machines_and_fails_the_cluster(
 ) {
-    if skip("cancelling_during_the_install...") {
+    if support::skip_without_containers("cancelling_during_the_install...") {
         return;
     }
     let mut rig = Rig::new(
@@ -632,7 +618,7 @@ impl Rig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_past_its_time_to_live_is_terminated_as_a_task_of_its_owner() {
-    if skip("a_cluster_past_its_time_to_live...") {
+    if support::skip_without_containers("a_cluster_past_its_time_to_live...") {
         return;
     }
     let mut rig = Rig::new(
@@ -681,7 +667,7 @@ async fn a_cluster_past_its_time_to_live_is_terminated_as_a_task_of_its_owner() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inventory_reconciler_reclaims_forgotten_containers_and_flags_vanished_ones() {
-    if skip("the_inventory_reconciler...") {
+    if support::skip_without_containers("the_inventory_reconciler...") {
         return;
     }
     let rig = Rig::new("prov_inventory", SimConfig::default()).await;

@@ -74,6 +74,8 @@ impl Worker {
 
 pub struct TestEnv {
     pub name: String,
+    /// Owns the database: dropping it drops the database.
+    pub db: TestDb,
     pub db_name: String,
     pub db_url: String,
     pub pool: PgPool,
@@ -91,24 +93,9 @@ impl TestEnv {
     }
 
     pub async fn with_redis(name: &str, redis_url: &str) -> Self {
+        let db = TestDb::new(name).await;
+        let (db_name, db_url, pool) = (db.db_name.clone(), db.db_url.clone(), db.pool.clone());
         let suffix = Uuid::new_v4().simple().to_string();
-        let db_name = format!("orrery_t_{}_{}", name, &suffix[..10]);
-        let mut admin = sqlx::PgConnection::connect(&admin_url())
-            .await
-            .expect("PostgreSQL must be reachable (run scripts/setup.sh)");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let base = admin_url();
-        let db_url = format!("{}/{db_name}", &base[..base.rfind('/').unwrap()]);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(5)
-            .connect(&db_url)
-            .await
-            .unwrap();
-        MIGRATOR.run(&pool).await.unwrap();
         let dir = std::env::temp_dir().join(format!("orrery-test-{name}-{}", &suffix[..10]));
         std::fs::create_dir_all(&dir).unwrap();
         let namespace = format!("t{}", &suffix[..12]);
@@ -131,6 +118,7 @@ impl TestEnv {
             .unwrap();
         TestEnv {
             name: name.to_owned(),
+            db,
             db_name,
             db_url,
             pool,
@@ -282,22 +270,7 @@ impl Drop for TestEnv {
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-        let db = self.db_name.clone();
-        // Drop runs outside the test's runtime, which may be shutting down.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        })
-        .join();
+        // The database goes with `self.db`.
     }
 }
 
@@ -444,5 +417,23 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+/// True (after saying why on stderr) when this machine cannot run local
+/// containers; container tests then return without passing silently.
+pub fn skip_without_containers(test: &str) -> bool {
+    match orrery_workflows::infra::local::LocalProvider::check() {
+        Ok(()) => false,
+        Err(e) => {
+            // Written to the real stderr: libtest would swallow `eprintln!`
+            // of a passing test.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: local containers are not possible here: {e}"
+            );
+            true
+        }
     }
 }
