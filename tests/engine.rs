@@ -618,7 +618,7 @@ async fn bad_input_never_crashes_a_worker() {
         created_by: None,
         stuck_in: Duration::from_secs(60),
     };
-    store::insert_run(&mut *env.pool.acquire().await.unwrap(), &unknown)
+    store::insert_run(&mut env.pool.acquire().await.unwrap(), &unknown)
         .await
         .unwrap();
     env.rt

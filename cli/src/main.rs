@@ -326,8 +326,8 @@ async fn dev(cfg: EngineConfig) -> anyhow::Result<()> {
 async fn redis_manager(cfg: &EngineConfig) -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(cfg.redis_url.as_str())
         .context("ORRERY_REDIS_URL is not a Redis URL")?;
-    Ok(client
+    client
         .get_connection_manager()
         .await
-        .context("cannot connect to Redis (ORRERY_REDIS_URL)")?)
+        .context("cannot connect to Redis (ORRERY_REDIS_URL)")
 }

@@ -186,32 +186,24 @@ where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-    let ck = |u: &RunUpdate| u.checkpoint.clone();
-    let (ck_kind, ck_output, ck_error): (
-        Vec<Option<&str>>,
-        Vec<Option<Value>>,
-        Vec<Option<String>>,
-    ) = updates
-        .iter()
-        .map(|u| match ck(u).map(|c| c.kind) {
+    let mut ck_kind: Vec<Option<&str>> = Vec::with_capacity(updates.len());
+    let mut ck_output: Vec<Option<&Value>> = Vec::with_capacity(updates.len());
+    let mut ck_error: Vec<Option<&str>> = Vec::with_capacity(updates.len());
+    for u in updates {
+        let (kind, output, error) = match u.checkpoint.as_ref().map(|c| &c.kind) {
             None => (None, None, None),
             Some(CheckpointKind::Done(v)) => (Some("done"), Some(v), None),
-            Some(CheckpointKind::Failed(e)) => (Some("failed"), None, Some(e)),
+            Some(CheckpointKind::Failed(e)) => (Some("failed"), None, Some(e.as_str())),
             Some(CheckpointKind::Polled) => (Some("polled"), None, None),
             Some(CheckpointKind::Compensated) => (Some("compensated"), None, None),
             Some(CheckpointKind::CompensationFailed(e)) => {
-                (Some("compensation_failed"), None, Some(e))
+                (Some("compensation_failed"), None, Some(e.as_str()))
             }
-        })
-        .fold(
-            (vec![], vec![], vec![]),
-            |(mut a, mut b, mut c), (x, y, z)| {
-                a.push(x);
-                b.push(y);
-                c.push(z);
-                (a, b, c)
-            },
-        );
+        };
+        ck_kind.push(kind);
+        ck_output.push(output);
+        ck_error.push(error);
+    }
     sqlx::query_scalar(WRITE_SQL)
         .bind(updates.iter().map(|u| u.run_id).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.fence).collect::<Vec<_>>())
@@ -251,13 +243,13 @@ where
         .bind(
             updates
                 .iter()
-                .map(|u| ck(u).map(|c| c.index))
+                .map(|u| u.checkpoint.as_ref().map(|c| c.index))
                 .collect::<Vec<_>>(),
         )
         .bind(
             updates
                 .iter()
-                .map(|u| ck(u).map(|c| c.step))
+                .map(|u| u.checkpoint.as_ref().map(|c| c.step.as_str()))
                 .collect::<Vec<_>>(),
         )
         .bind(ck_kind)
@@ -266,7 +258,7 @@ where
         .bind(
             updates
                 .iter()
-                .map(|u| ck(u).map(|c| c.started_at))
+                .map(|u| u.checkpoint.as_ref().map(|c| c.started_at))
                 .collect::<Vec<_>>(),
         )
         .bind(

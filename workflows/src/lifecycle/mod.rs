@@ -172,6 +172,16 @@ pub(crate) fn next_on(cursor: &Cursor, queue: &str) -> Next {
     }
 }
 
+/// The checkpoint of a finished step, for transitions that record it on the way.
+pub(crate) fn checkpoint_done(
+    index: i32,
+    wf: &Workflow,
+    output: serde_json::Value,
+    started_at: DateTime<Utc>,
+) -> Option<Checkpoint> {
+    checkpoint(index, wf, CheckpointKind::Done(output), started_at)
+}
+
 /// Shared fixture for the transition tests: a three-step workflow where the
 /// middle step runs on another queue and only the first two compensate.
 #[cfg(test)]
@@ -222,14 +232,4 @@ pub(crate) mod fixture {
             stuck_queued: Duration::from_secs(300),
         }
     }
-}
-
-/// The checkpoint of a finished step, for transitions that record it on the way.
-pub(crate) fn checkpoint_done(
-    index: i32,
-    wf: &Workflow,
-    output: serde_json::Value,
-    started_at: DateTime<Utc>,
-) -> Option<Checkpoint> {
-    checkpoint(index, wf, CheckpointKind::Done(output), started_at)
 }

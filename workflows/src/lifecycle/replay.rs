@@ -47,7 +47,8 @@ pub async fn replay(
         .parse()
         .map_err(|e: crate::state::UnknownState| EngineError::Conflict(e.to_string()))?;
     let cursor: i32 = row.try_get("cursor")?;
-    if !state.is_replayable() && !(req.force && !state.is_terminal()) {
+    let allowed = state.is_replayable() || (req.force && !state.is_terminal());
+    if !allowed {
         return Err(EngineError::Conflict(format!(
             "run {run_id} is {state}; only failed or cancelled runs can be replayed \
              (a stuck unfinished run needs force=true)"

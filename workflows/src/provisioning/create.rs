@@ -162,7 +162,7 @@ pub fn create_cluster() -> Workflow {
                 if report.all_healthy() {
                     return Ok(Progress::Done(json!({ "registered": report.healthy })));
                 }
-                if ctx.polls % 10 == 0 {
+                if ctx.polls.is_multiple_of(10) {
                     ctx.log("info", &format!("waiting for agents: missing {:?}, unhealthy {:?}", report.missing, report.unhealthy)).await;
                 }
                 Ok(Progress::WaitFor(p.poll))

@@ -48,7 +48,7 @@ fn machines_step() -> Step {
                     c.id, c.state
                 )));
             }
-            Ok::<_, StepError>(cluster::machines(&pool, input.cluster_id).await?)
+            cluster::machines(&pool, input.cluster_id).await
         },
     )
     .compensate(|ctx: StepCtx, input: UserInput| async move {
