@@ -152,9 +152,7 @@ async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply
         }
         let updates: Vec<&RunUpdate> = batch.iter().map(|(u, _)| u).collect();
         if conn.is_none() {
-            conn = PgConnection::connect_with(&pool.connect_options())
-                .await
-                .ok();
+            conn = connect_writer(&pool).await;
         }
         let result = match conn.as_mut() {
             Some(c) => write_batch(c, &updates).await,
@@ -178,6 +176,20 @@ async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply
             }
         }
     }
+}
+
+/// The writer's own connection. Its one statement is always the same
+/// prepared statement: a generic plan spares PostgreSQL from planning the
+/// multi-CTE statement again for every batch.
+async fn connect_writer(pool: &PgPool) -> Option<PgConnection> {
+    let mut conn = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .ok()?;
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await
+        .ok()?;
+    Some(conn)
 }
 
 /// One statement for the whole batch; returns the ids whose fence matched.
