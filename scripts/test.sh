@@ -15,5 +15,5 @@ done
 export PATH
 export RUST_BACKTRACE=1
 
-echo "test: cargo test --workspace --all-targets $*"
-exec cargo test --workspace --all-targets "$@"
+echo "test: cargo test --workspace --all-targets --no-fail-fast $*"
+exec cargo test --workspace --all-targets --no-fail-fast "$@"
