@@ -714,3 +714,173 @@ async fn the_inventory_reconciler_reclaims_forgotten_containers_and_flags_vanish
         .unwrap();
     assert_eq!(state, "broken");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_requested_through_the_rest_api_runs_grants_a_user_and_terminates() {
+    if support::skip_without_containers("a_cluster_requested_through_the_rest_api...") {
+        return;
+    }
+    use orrery_api::{
+        accounts::{self, NewUser},
+        app::{App, ClusterWorkflows},
+        ApiConfig,
+    };
+    let mut rig = Rig::new(
+        "prov_api",
+        SimConfig {
+            request_duration: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await;
+    rig.all_workers();
+    let redis = redis::Client::open(rig.env.redis_url.as_str())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let config = ApiConfig {
+        workflows: ClusterWorkflows::real(),
+        ..ApiConfig::default()
+    };
+    let app = App::new(rig.env.rt.engine.clone(), redis, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(orrery_api::serve_app(app, listener, stop.clone()));
+    let user = |name: &str| NewUser {
+        name: name.into(),
+        email: None,
+        group: None,
+        operator: false,
+        quota_machines: None,
+    };
+    let token = accounts::create_user(&rig.env.pool, &user("carol"), "test")
+        .await
+        .unwrap()
+        .1
+        .token();
+    accounts::create_user(&rig.env.pool, &user("dave"), "test")
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let mut req = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            (
+                status,
+                res.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let wait_task = |task: String| {
+        let env = &rig.env;
+        async move { env.wait_state(task.parse().unwrap(), DONE, T).await }
+    };
+
+    let (status, body) = call(
+        reqwest::Method::POST,
+        "/v1/clusters".into(),
+        Some(json!({ "name": "api", "size": 2 })),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let cluster = body["cluster_id"].as_str().unwrap().to_owned();
+    let done = wait_task(body["id"].as_str().unwrap().to_owned()).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
+    let (status, shown) = call(
+        reqwest::Method::GET,
+        format!("/v1/clusters/{cluster}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["nodes"].as_array().unwrap().len(), 2, "{shown}");
+
+    let (status, body) = call(
+        reqwest::Method::POST,
+        format!("/v1/clusters/{cluster}/users"),
+        Some(json!({ "username": "dave" })),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        wait_task(body["id"].as_str().unwrap().to_owned())
+            .await
+            .state,
+        RunState::Succeeded
+    );
+    let (_, shown) = call(
+        reqwest::Method::GET,
+        format!("/v1/clusters/{cluster}"),
+        None,
+    )
+    .await;
+    let dave = shown["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "dave")
+        .cloned()
+        .unwrap();
+    assert_eq!(dave["state"], "active", "{shown}");
+    let id: Uuid = cluster.parse().unwrap();
+    let (hostname, address, port, host_key): (String, String, i32, String) = sqlx::query_as(
+        "SELECT hostname, address, ssh_port, host_key FROM machines WHERE cluster_id = $1 LIMIT 1",
+    )
+    .bind(id)
+    .fetch_one(&rig.env.pool)
+    .await
+    .unwrap();
+    let target = SshTarget {
+        host: hostname,
+        address,
+        port: port as u16,
+        host_key,
+    };
+    let session = SshClient::new(rig.key.clone())
+        .connect(&target, &CancellationToken::new())
+        .await
+        .unwrap();
+    let out = session
+        .run(
+            "id -nG dave",
+            Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(out.stdout.contains("hadoop"), "{out:?}");
+    session.close().await;
+
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("/v1/clusters/{cluster}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        wait_task(body["id"].as_str().unwrap().to_owned())
+            .await
+            .state,
+        RunState::Succeeded
+    );
+    let (_, shown) = call(
+        reqwest::Method::GET,
+        format!("/v1/clusters/{cluster}"),
+        None,
+    )
+    .await;
+    assert_eq!(shown["state"], "terminated", "{shown}");
+    assert!(rig.containers().is_empty());
+    stop.cancel();
+}
