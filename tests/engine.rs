@@ -758,3 +758,48 @@ async fn a_run_whose_worker_died_is_stuck_until_reclaimed_and_listed_as_such() {
     assert!(!run.stuck);
     let _ = LEASE_MS;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_job_deletes_old_finished_runs_with_their_checkpoints_and_history_only() {
+    let env = TestEnv::new("purge").await;
+    let old = env.submit("test.chain", json!({})).await;
+    let recent = env.submit("test.chain", json!({})).await;
+    let unfinished = env.submit("test.chain", json!({})).await;
+    env.rt.engine.handle("alpha", old).await;
+    env.rt.engine.handle("alpha", recent).await;
+    sqlx::query("UPDATE runs SET finished_at = now() - interval '40 days' WHERE id = $1")
+        .bind(old)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(cron::purge_finished_runs(&env.pool, 30).await.unwrap(), 1);
+    let count = |table: &'static str, id: Uuid| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table} WHERE run_id = $1"))
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(store::get_run(&env.pool, old).await.unwrap().is_none());
+    assert_eq!(
+        (
+            count("step_checkpoints", old).await,
+            count("run_history", old).await
+        ),
+        (0, 0)
+    );
+    assert_eq!(
+        count("step_checkpoints", recent).await,
+        4,
+        "a recent run keeps its checkpoints"
+    );
+    assert!(count("run_history", recent).await > 0);
+    assert_eq!(
+        env.run(unfinished).await.state,
+        RunState::Queued,
+        "unfinished runs are never purged"
+    );
+}

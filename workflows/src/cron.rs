@@ -99,14 +99,20 @@ pub async fn run(pool: PgPool, jobs: Vec<CronJob>, owner: String, shutdown: Canc
     }
 }
 
-/// Delete finished runs (and, by cascade, their checkpoints and history)
-/// older than `days`.
+/// Delete finished runs older than `days` with their checkpoints and history
+/// (explicitly: those two tables have no foreign key, see migration 0005;
+/// item checkpoints and step logs go by cascade).
 pub async fn purge_finished_runs(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
-    let res = sqlx::query("DELETE FROM runs WHERE finished_at < now() - make_interval(days => $1)")
-        .bind(days as i32)
-        .execute(pool)
-        .await?;
-    Ok(res.rows_affected())
+    let deleted: i64 = sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM runs WHERE finished_at < now() - make_interval(days => $1) RETURNING id),
+              ck AS (DELETE FROM step_checkpoints WHERE run_id IN (SELECT id FROM gone)),
+              h AS (DELETE FROM run_history WHERE run_id IN (SELECT id FROM gone))
+         SELECT count(*) FROM gone",
+    )
+    .bind(days as i32)
+    .fetch_one(pool)
+    .await?;
+    Ok(deleted as u64)
 }
 
 #[cfg(test)]
