@@ -99,7 +99,7 @@ use uuid::Uuid;
 )]
 struct Args {
     /// Runs of `bench.noop10` (10 no-op steps each) per throughput phase.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 2000)]
     runs: usize,
     /// Runs in flight at once (total worker concurrency), and the baseline's
     /// connection count it is compared with.
