@@ -61,6 +61,9 @@
 //!
 //! Keep the machine otherwise idle for meaningful figures.
 
+mod bench_common;
+
+use bench_common::redis_cleanup;
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
@@ -1152,33 +1155,6 @@ async fn latency_phase(ctx: &Ctx) -> anyhow::Result<Latency> {
         lat.created_p99
     );
     Ok(lat)
-}
-
-/// Delete every Redis key of the benchmark's namespace.
-async fn redis_cleanup(url: &str, namespace: &str) -> anyhow::Result<()> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("*{namespace}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@
 //! 2. Submissions: `--submissions` `POST /v1/clusters`, all answered 202.
 //! 3. Polls: `GET /v1/tasks/{id}` of the submitted tasks for `--poll-secs`.
 
+mod bench_common;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -100,7 +102,11 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let db_url = with_database(&args.database_admin_url, &db_name);
-    let result = run(&args, &db_url, &format!("benchapi{suffix}")).await;
+    let namespace = format!("benchapi{suffix}");
+    let result = run(&args, &db_url, &namespace).await;
+    if let Err(err) = bench_common::redis_cleanup(&args.redis_url, &namespace).await {
+        eprintln!("warning: Redis keys of {namespace} not removed: {err}");
+    }
     let _ = sqlx::raw_sql(&format!(
         "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
     ))
