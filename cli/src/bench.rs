@@ -63,7 +63,7 @@
 
 mod bench_common;
 
-use bench_common::redis_cleanup;
+use bench_common::{redis_cleanup, with_database};
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
@@ -451,23 +451,6 @@ fn cores() -> f64 {
     std::thread::available_parallelism()
         .map(|n| n.get() as f64)
         .unwrap_or(1.0)
-}
-
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
 }
 
 /// The same database reached through the proxy on `port`, without TLS (the
@@ -1409,15 +1392,6 @@ mod tests {
 
     #[test]
     fn urls_are_rewritten() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432/postgres", "b"),
-            "postgres://postgres@127.0.0.1:5432/b"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@h/db?sslmode=disable", "b"),
-            "postgres://u:p@h/b?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h", "b"), "postgres://h/b");
         assert_eq!(
             through_proxy("postgres://u:p@h:5432/b", 7000),
             "postgres://u:p@127.0.0.1:7000/b?sslmode=disable"

@@ -23,6 +23,8 @@
 
 mod bench_common;
 
+use bench_common::with_database;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -74,17 +76,6 @@ struct Args {
     /// API connections to PostgreSQL.
     #[arg(long, default_value_t = 16)]
     db_pool: u32,
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    format!(
-        "{}/{db}{query}",
-        &base[..base.rfind('/').unwrap_or(base.len())]
-    )
 }
 
 #[tokio::main]

@@ -40,7 +40,7 @@
 
 mod bench_common;
 
-use bench_common::redis_cleanup;
+use bench_common::{redis_cleanup, with_database};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -887,23 +887,6 @@ async fn sample_cpu(samples: CpuSamples) {
                 .push((Utc::now(), busy, all));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
     }
 }
 
