@@ -1398,3 +1398,40 @@ async fn concurrent_requests_never_spend_the_same_quota_twice() {
         (4, 4)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_user_or_group_that_exists_is_a_conflict_naming_it() {
+    let api = Api::start("api_dupes").await;
+    let op = api.user("olga", None, true).await;
+    let group = json!({ "name": "physics" });
+    let first = api.post("/v1/admin/groups", &op, group.clone()).await;
+    assert!(first.status.is_success(), "{}", first.body);
+    let again = api.post("/v1/admin/groups", &op, group).await;
+    again.assert_problem(409, None);
+    assert!(
+        again.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a group named physics already exists"),
+        "{}",
+        again.body
+    );
+    let user = json!({ "name": "erin", "group": "physics" });
+    let first = api.post("/v1/admin/users", &op, user.clone()).await;
+    assert!(first.status.is_success(), "{}", first.body);
+    let again = api.post("/v1/admin/users", &op, user).await;
+    again.assert_problem(409, None);
+    assert!(
+        again.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a user named erin already exists"),
+        "{}",
+        again.body
+    );
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE name = 'erin'")
+        .fetch_one(&api.env.pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 1, "the refused request wrote nothing");
+}

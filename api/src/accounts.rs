@@ -54,8 +54,13 @@ fn validate_limit(field: &str, v: Option<i32>) -> ApiResult<()> {
     }
 }
 
-fn unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+/// A unique violation becomes a 409 saying `what` already exists; any other
+/// database error stays internal.
+fn conflict_if_exists(e: sqlx::Error, what: impl FnOnce() -> String) -> ApiError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => ApiError::conflict(what()),
+        _ => e.into(),
+    }
 }
 
 /// `POST /v1/admin/groups` body.
@@ -85,13 +90,7 @@ pub async fn create_group(pool: &PgPool, g: &NewGroup, actor: &str) -> ApiResult
     .bind(g.reserved_machines)
     .execute(&mut *tx)
     .await
-    .map_err(|e| {
-        if unique_violation(&e) {
-            ApiError::conflict(format!("a group named {} already exists", g.name))
-        } else {
-            e.into()
-        }
-    })?;
+    .map_err(|e| conflict_if_exists(e, || format!("a group named {} already exists", g.name)))?;
     audit(&mut tx, actor, "create_group", json!(g)).await?;
     tx.commit().await?;
     Ok(id)
@@ -149,13 +148,7 @@ pub async fn create_user(pool: &PgPool, u: &NewUser, actor: &str) -> ApiResult<(
     .bind(random_secret(32))
     .execute(&mut *tx)
     .await
-    .map_err(|e| {
-        if unique_violation(&e) {
-            ApiError::conflict(format!("a user named {} already exists", u.name))
-        } else {
-            e.into()
-        }
-    })?;
+    .map_err(|e| conflict_if_exists(e, || format!("a user named {} already exists", u.name)))?;
     let key = insert_key(&mut tx, id, "initial").await?;
     audit(&mut tx, actor, "create_user", json!(u)).await?;
     tx.commit().await?;
@@ -344,13 +337,7 @@ pub async fn add_ssh_key(
         .bind(&key.fingerprint)
         .execute(pool)
         .await
-        .map_err(|e| {
-            if unique_violation(&e) {
-                ApiError::conflict(format!("you already have the key {}", key.fingerprint))
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| conflict_if_exists(e, || format!("you already have the key {}", key.fingerprint)))?;
     Ok(
         json!({ "id": id, "name": name, "type": key.kind, "fingerprint": key.fingerprint, "public_key": key.line }),
     )
