@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{cluster, run_on, Provisioning, AMBARI, PROVISION, SSH};
+use super::{cluster, remote_retry, run_on, ssh_retry, Provisioning, AMBARI, PROVISION, SSH};
 use crate::{
     ambari::{
         agent,
@@ -22,7 +22,6 @@ use crate::{
     },
     error::StepError,
     infra::Machine,
-    retry::RetryPolicy,
     workflow::{Progress, Step, StepCtx, Workflow},
 };
 use std::time::Duration;
@@ -85,12 +84,6 @@ pub(crate) async fn follow(
     Ok(Progress::WaitFor(p.poll))
 }
 
-fn ambari_retry() -> RetryPolicy {
-    RetryPolicy::default()
-        .attempts(8)
-        .delays(Duration::from_millis(200), Duration::from_secs(10))
-}
-
 pub fn create_cluster() -> Workflow {
     Workflow::new("create_cluster", 1)
         .input::<ClusterInput>()
@@ -140,7 +133,7 @@ pub fn create_cluster() -> Workflow {
             )
             .concurrency(16)
             .timeout(Duration::from_secs(600))
-            .retry(RetryPolicy::default().attempts(4).delays(Duration::from_millis(200), Duration::from_secs(5)))
+            .retry(ssh_retry())
             .compensate(|ctx: StepCtx, _: ClusterInput| async move {
                 // Best effort: a pool machine goes back to the pool without an agent;
                 // an unreachable one must not block the release that follows.
@@ -167,7 +160,7 @@ pub fn create_cluster() -> Workflow {
                 }
                 Ok(Progress::WaitFor(p.poll))
             })
-            .retry(ambari_retry())
+            .retry(remote_retry())
             .wait_deadline(Duration::from_secs(300)),
         )
         .step(
@@ -192,7 +185,7 @@ pub fn create_cluster() -> Workflow {
                     colocated: plan.colocated,
                 })
             })
-            .retry(ambari_retry()),
+            .retry(remote_retry()),
         )
         .step(
             Step::new("create", AMBARI, |ctx: StepCtx, input: ClusterInput| async move {
@@ -203,7 +196,7 @@ pub fn create_cluster() -> Workflow {
                 ctx.log("info", &format!("Ambari request {id} installs and starts the cluster")).await;
                 Ok::<_, StepError>(Requested { request_id: Some(id) })
             })
-            .retry(ambari_retry())
+            .retry(remote_retry())
             .compensate(|ctx: StepCtx, input: ClusterInput| async move {
                 let p = ctx.service::<Provisioning>()?;
                 let name = cluster::ambari_name(input.cluster_id);
@@ -226,7 +219,7 @@ pub fn create_cluster() -> Workflow {
                 let requested: Requested = ctx.output("create")?;
                 follow(&p, &cluster::ambari_name(input.cluster_id), requested.request_id).await
             })
-            .retry(ambari_retry())
+            .retry(remote_retry())
             .wait_deadline(Duration::from_secs(7200)),
         )
         .step(
@@ -236,7 +229,7 @@ pub fn create_cluster() -> Workflow {
                 let id = p.ambari.set_services_state(&cluster::ambari_name(input.cluster_id), ServiceState::Started, &context).await?;
                 Ok::<_, StepError>(Requested { request_id: id })
             })
-            .retry(ambari_retry()),
+            .retry(remote_retry()),
         )
         .step(
             Step::waiting("await_started", AMBARI, |ctx: StepCtx, input: ClusterInput| async move {
@@ -244,7 +237,7 @@ pub fn create_cluster() -> Workflow {
                 let requested: Requested = ctx.output("start")?;
                 follow(&p, &cluster::ambari_name(input.cluster_id), requested.request_id).await
             })
-            .retry(ambari_retry())
+            .retry(remote_retry())
             .wait_deadline(Duration::from_secs(3600)),
         )
         .step(accounts_step("accounts"))
@@ -258,7 +251,7 @@ pub fn create_cluster() -> Workflow {
                 }
                 Ok::<_, StepError>(users.iter().map(|u| u.username.clone()).collect::<Vec<_>>())
             })
-            .retry(ambari_retry()),
+            .retry(remote_retry()),
         )
         .step(Step::new("finish", PROVISION, |ctx: StepCtx, input: ClusterInput| async move {
             let pool = pg(&ctx)?;
@@ -337,9 +330,5 @@ pub(crate) fn accounts_step(name: &str) -> Step {
         },
     )
     .concurrency(16)
-    .retry(
-        RetryPolicy::default()
-            .attempts(4)
-            .delays(Duration::from_millis(200), Duration::from_secs(5)),
-    )
+    .retry(ssh_retry())
 }

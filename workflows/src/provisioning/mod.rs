@@ -139,6 +139,22 @@ pub fn install(services: &mut Services, env: ProvisioningEnv) -> Result<(), Stri
     Ok(())
 }
 
+/// Retries of Ambari calls and bookkeeping steps: 5xx answers, timeouts and
+/// lost connections usually pass within seconds.
+pub(crate) fn remote_retry() -> crate::retry::RetryPolicy {
+    crate::retry::RetryPolicy::default()
+        .attempts(8)
+        .delays(Duration::from_millis(200), Duration::from_secs(10))
+}
+
+/// Retries of SSH work on hosts (fan-out steps: a retry repeats only the
+/// hosts that failed).
+pub(crate) fn ssh_retry() -> crate::retry::RetryPolicy {
+    crate::retry::RetryPolicy::default()
+        .attempts(4)
+        .delays(Duration::from_millis(200), Duration::from_secs(5))
+}
+
 /// Run `commands` on `machine` over one SSH session, keeping each command's
 /// stdout and stderr in the step's log (also when it fails).
 pub(crate) async fn run_on(

@@ -10,20 +10,13 @@ use std::time::Duration;
 use super::{
     cluster,
     create::{follow, hostnames, ClusterInput, Requested},
-    Provisioning, AMBARI, PROVISION,
+    remote_retry, Provisioning, AMBARI, PROVISION,
 };
 use crate::{
     ambari::ServiceState,
     error::StepError,
-    retry::RetryPolicy,
     workflow::{Progress, Step, StepCtx, Workflow},
 };
-
-fn retry() -> RetryPolicy {
-    RetryPolicy::default()
-        .attempts(8)
-        .delays(Duration::from_millis(200), Duration::from_secs(10))
-}
 
 pub fn terminate_cluster() -> Workflow {
     Workflow::new("terminate_cluster", 1)
@@ -39,7 +32,7 @@ pub fn terminate_cluster() -> Workflow {
                 let id = p.ambari.set_services_state(&name, ServiceState::Installed, &context).await?;
                 Ok(Requested { request_id: id })
             })
-            .retry(retry())
+            .retry(remote_retry())
             .compensate(|ctx: StepCtx, input: ClusterInput| async move {
                 let pool = ctx.service::<sqlx::PgPool>()?;
                 let reason = cluster::run_error(&pool, ctx.run_id).await?;
@@ -59,7 +52,7 @@ pub fn terminate_cluster() -> Workflow {
                     other => other,
                 }
             })
-            .retry(retry())
+            .retry(remote_retry())
             .wait_deadline(Duration::from_secs(3600)),
         )
         .step(
@@ -73,7 +66,7 @@ pub fn terminate_cluster() -> Workflow {
                 }
                 Ok::<_, StepError>(json!({ "deleted_hosts": hostnames(&machines) }))
             })
-            .retry(retry()),
+            .retry(remote_retry()),
         )
         .step(Step::new("release", PROVISION, |ctx: StepCtx, input: ClusterInput| async move {
             let p = ctx.service::<Provisioning>()?;

@@ -5,18 +5,16 @@
 //! (or `failed`, with the run's error kept on the run).
 
 use serde_json::json;
-use std::time::Duration;
 
 use super::{
     accounts::{remove_account, valid_username},
     cluster,
     create::{accounts_step, grant_ambari_user, UserInput},
-    run_on, Provisioning, AMBARI, PROVISION, SSH,
+    remote_retry, run_on, Provisioning, AMBARI, PROVISION, SSH,
 };
 use crate::{
     error::StepError,
     infra::Machine,
-    retry::RetryPolicy,
     workflow::{Step, StepCtx, Workflow},
 };
 
@@ -65,12 +63,6 @@ fn machines_step() -> Step {
     })
 }
 
-fn retry() -> RetryPolicy {
-    RetryPolicy::default()
-        .attempts(8)
-        .delays(Duration::from_millis(200), Duration::from_secs(10))
-}
-
 pub fn grant_user() -> Workflow {
     Workflow::new("grant_user", 1)
         .input::<UserInput>()
@@ -87,7 +79,7 @@ pub fn grant_user() -> Workflow {
                     Ok::<_, StepError>(name)
                 },
             )
-            .retry(retry()),
+            .retry(remote_retry()),
         )
         .step(Step::new(
             "activate",
@@ -139,7 +131,7 @@ pub fn revoke_user() -> Workflow {
                 },
             )
             .concurrency(16)
-            .retry(retry()),
+            .retry(remote_retry()),
         )
         .step(
             Step::new(
@@ -155,7 +147,7 @@ pub fn revoke_user() -> Workflow {
                     Ok::<_, StepError>(name)
                 },
             )
-            .retry(retry()),
+            .retry(remote_retry()),
         )
         .step(Step::new(
             "deactivate",
