@@ -476,18 +476,23 @@ impl Engine {
             if signals.lease_lost.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if !self.writer.write(update.clone()).await? {
+            // The view after the write, computed before the update moves
+            // into the writer (no per-step copy of the step's output).
+            let mut next_c = c.clone();
+            next_c.apply(&update);
+            let done_step = update.checkpoint.as_ref().map(|ck| ck.step.clone());
+            if !self.writer.write(update).await? {
                 tracing::warn!("fence moved: lease lost, nothing committed");
                 return Ok(());
             }
-            if let (Some(out), Some(ck)) = (done_output, &update.checkpoint) {
-                outputs.insert(ck.step.clone(), out);
+            if let (Some(out), Some(step)) = (done_output, done_step) {
+                outputs.insert(step, out);
             }
-            if update.cursor != c.cursor {
+            if next_c.cursor != c.cursor {
                 step_started_at = None;
             }
             interrupted = false;
-            c.apply(&update);
+            c = next_c;
             match next {
                 Next::Continue if self.shutdown.is_cancelled() => {
                     let (u, next) = lifecycle::yield_run(&c, self.timing);
