@@ -211,6 +211,34 @@ impl Api {
             .unwrap()
     }
 
+    /// The usage counters admission reads (`machine_usage`, kept by a
+    /// trigger) equal the sums over the clusters they stand for.
+    async fn assert_usage_counters_match(&self) {
+        let mismatches: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+            "WITH truth AS (
+                 SELECT scope, sum(size)::bigint AS machines FROM (
+                     SELECT owner_id AS scope, size FROM clusters
+                     WHERE state IN ('provisioning', 'running', 'terminating')
+                     UNION ALL
+                     SELECT group_id, size FROM clusters
+                     WHERE group_id IS NOT NULL AND state IN ('provisioning', 'running', 'terminating')
+                     UNION ALL
+                     SELECT '00000000-0000-0000-0000-000000000000', size FROM clusters
+                     WHERE state = 'provisioning') s
+                 GROUP BY scope)
+             SELECT COALESCE(t.scope, u.scope), COALESCE(t.machines, 0), COALESCE(u.machines, 0)
+             FROM truth t FULL JOIN machine_usage u ON u.scope = t.scope
+             WHERE COALESCE(t.machines, 0) <> COALESCE(u.machines, 0)",
+        )
+        .fetch_all(&self.env.pool)
+        .await
+        .unwrap();
+        assert!(
+            mismatches.is_empty(),
+            "(scope, clusters say, counter says): {mismatches:?}"
+        );
+    }
+
     fn provision_worker(&mut self) {
         self.env.spawn_worker(&["--queues", "provision"]);
     }
@@ -656,6 +684,7 @@ async fn requests_over_quota_or_beyond_the_pool_are_refused_with_what_is_left() 
     assert_eq!(profile.body["quota"]["used"], 3);
     assert_eq!(profile.body["quota"]["can_request"], 0);
     assert_eq!(api.count("runs").await, 3);
+    api.assert_usage_counters_match().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,6 +804,13 @@ async fn cluster_users_and_termination_run_as_durable_tasks() {
     .assert_problem(409, None);
     let listed = api.get("/v1/clusters?state=terminated", &alice).await;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    let profile = api.get("/v1/account", &alice).await;
+    assert_eq!(
+        profile.body["quota"]["used"], 0,
+        "a terminated cluster no longer counts: {}",
+        profile.body
+    );
+    api.assert_usage_counters_match().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1397,6 +1433,80 @@ async fn concurrent_requests_never_spend_the_same_quota_twice() {
         (api.count("clusters").await, api.count("runs").await),
         (4, 4)
     );
+    api.assert_usage_counters_match().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_raced_through_two_api_processes_makes_one_cluster() {
+    let roomy = |c: &mut ApiConfig| {
+        c.default_quota = 20;
+        c.local_capacity = 20;
+    };
+    let api = Api::with_config("api_idem_race", roomy).await;
+    let alice = api.user("alice", None, false).await;
+    // A second API process on the same database: its own admission task
+    // and connection, so the two race on the idempotency index.
+    let redis = redis::Client::open(api.env.redis_url.as_str())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let mut config = ApiConfig {
+        workflows: ClusterWorkflows::fake(),
+        ..ApiConfig::default()
+    };
+    roomy(&mut config);
+    let second = App::new(api.env.rt.engine.clone(), redis, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second_base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(orrery_api::serve_app(second, listener, api.stop.clone()));
+    let post = |base: String, key: Option<&'static str>, body: Value| {
+        let http = api.http.clone();
+        let alice = alice.clone();
+        async move {
+            let mut req = http
+                .post(format!("{base}/v1/clusters"))
+                .bearer_auth(alice)
+                .json(&body);
+            if let Some(key) = key {
+                req = req.header("idempotency-key", key);
+            }
+            let res = req.send().await.unwrap();
+            let status = res.status();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let base = if i % 2 == 0 { &api.base } else { &second_base };
+        calls.push(post(
+            base.clone(),
+            Some("race-1"),
+            json!({ "name": "raced", "size": 1 }),
+        ));
+        // Requests without a key share the batches and must not suffer.
+        calls.push(post(
+            base.clone(),
+            None,
+            json!({ "name": format!("other{i}"), "size": 1 }),
+        ));
+    }
+    let answers = futures::future::join_all(calls).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::ACCEPTED, "{body}");
+    }
+    let raced: std::collections::HashSet<&str> = answers
+        .iter()
+        .step_by(2)
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(raced.len(), 1, "every keyed request got the same task");
+    assert_eq!(
+        (api.count("clusters").await, api.count("tasks").await),
+        (9, 9),
+        "one cluster for the key, one for each request without"
+    );
+    api.assert_usage_counters_match().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

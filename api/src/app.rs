@@ -12,7 +12,7 @@ use orrery_workflows::{
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{admission::Admissions, metrics::Metrics};
 
 /// What every handler can reach.
 pub struct App {
@@ -26,6 +26,8 @@ pub struct App {
     pub config: ApiConfig,
     /// Request counters and latencies for `/metrics`.
     pub metrics: Metrics,
+    /// Group commit of cluster requests (quota admission under one lock).
+    pub admissions: Admissions,
 }
 
 #[derive(Clone)]
@@ -37,12 +39,13 @@ impl App {
         redis: redis::aio::ConnectionManager,
         config: ApiConfig,
     ) -> Arc<Self> {
-        Arc::new(App {
+        Arc::new_cyclic(|app| App {
             pool: engine.pool.clone(),
             redis,
             engine,
             config,
             metrics: Metrics::default(),
+            admissions: Admissions::start(app.clone()),
         })
     }
 

@@ -27,7 +27,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{idempotency_key, parse_id, Body, Query},
-    quotas, services,
+    services,
     submit::{self, Idempotency, Submitted, TaskSpec},
 };
 
@@ -156,82 +156,16 @@ pub fn validate(req: &CreateCluster, max_size: i64) -> ApiResult<ClusterSpec> {
     })
 }
 
-/// Create a cluster: admission under the lock, then cluster, owner's (and,
-/// if shared, the group's) accounts, run and task in one transaction.
+/// Create a cluster: admitted (quota and availability) and recorded (cluster,
+/// the owner's and, if shared, the group's accounts, run, task) in one
+/// transaction shared with other waiting requests; see [`crate::admission`].
 pub async fn create(
     app: &App,
     caller: &Caller,
     spec: ClusterSpec,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
-    let mut tx = app.pool.begin().await?;
-    if let Some(s) = submit::existing(&mut tx, caller, idem).await? {
-        return Ok(s);
-    }
-    let cluster_id = Uuid::now_v7();
-    let services: Vec<String> = spec.services.iter().map(|s| s.to_string()).collect();
-    sqlx::query(
-        "INSERT INTO clusters (id, name, owner_id, group_id, size, services, shared, expires_at, state)
-         VALUES ($1, $2, $3, $4, $5, $6, $7,
-                 CASE WHEN $8::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $8::bigint) END,
-                 'provisioning')",
-    )
-    .bind(cluster_id)
-    .bind(&spec.name)
-    .bind(caller.user_id)
-    .bind(caller.group_id)
-    .bind(spec.size)
-    .bind(&services)
-    .bind(spec.shared)
-    .bind(spec.ttl_seconds)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
-         SELECT $1, u.name, u.id,
-                (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at) FROM ssh_keys k WHERE k.user_id = u.id),
-                u.id = $2
-         FROM users u
-         WHERE u.id = $2 OR ($3 AND u.group_id = $4 AND u.disabled_at IS NULL)",
-    )
-    .bind(cluster_id)
-    .bind(caller.user_id)
-    .bind(spec.shared)
-    .bind(caller.group_id)
-    .execute(&mut *tx)
-    .await?;
-    let task = TaskSpec {
-        kind: "create_cluster",
-        workflow: &app.config.workflows.create,
-        input: json!({ "cluster_id": cluster_id }),
-        cluster_id: Some(cluster_id),
-        callback_url: spec.callback_url.as_deref(),
-    };
-    let submitted = match submit::record_or_existing(&mut tx, app, caller, task, idem).await? {
-        Ok(s) => s,
-        Err(winner) => return Ok(winner),
-    };
-    sqlx::query("UPDATE clusters SET run_id = $2 WHERE id = $1")
-        .bind(cluster_id)
-        .bind(submitted.task_id)
-        .execute(&mut *tx)
-        .await?;
-    // Admission last: the lock is held for one read and the commit only.
-    // A refusal drops the transaction, so nothing above is kept.
-    quotas::lock(&mut tx).await?;
-    let standing = quotas::load(&mut tx, &app.config, caller.user_id)
-        .await?
-        .without(i64::from(spec.size));
-    if let Err(refusal) = quotas::admit(&standing, i64::from(spec.size)) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "quota-exceeded",
-            refusal.message,
-        )
-        .with("can_request", refusal.can_request)
-        .with("reason", refusal.reason));
-    }
-    submit::finish(app, tx, submitted, caller, idem).await
+    app.admissions.submit(caller, spec, idem).await
 }
 
 /// SQL condition: the caller bound at $u (user), $g (group) and $o

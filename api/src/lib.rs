@@ -11,6 +11,7 @@
 //! - [`auth`]: API keys (hashed, revocable) and the [`auth::Caller`] extractor.
 //! - [`accounts`], [`sshkeys`]: users, groups, keys, SSH keys.
 //! - [`services`], [`quotas`]: the service catalogue and admission (pure, unit-tested).
+//! - [`admission`]: group commit of cluster requests (one transaction, one lock, many requests).
 //! - [`submit`]: run + task (+ callback delivery) recording, idempotency, dispatch after commit.
 //! - [`clusters`], [`tasks`], [`events`], [`callbacks`]: the user-facing resources.
 //! - [`operators`]: runs, stuck runs, cancel and replay (alone or in bulk), audit.
@@ -31,6 +32,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 pub mod accounts;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod callbacks;

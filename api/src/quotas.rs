@@ -1,12 +1,14 @@
 //! Admission of a cluster request: the user's quota, the group's quota, the
 //! machines actually available, and other groups' unused reservations.
 //!
-//! [`admit`] is the pure decision, tested here; [`load`] reads its inputs in
-//! the submitting transaction, after the caller took the admission lock so
-//! two concurrent requests cannot both spend the same machines.
+//! [`admit`] is the pure decision, tested here; [`Ledger::load`] reads its
+//! inputs for a whole batch of requests in the submitting transaction, after
+//! the admission lock is taken so two batches (or two API processes) cannot
+//! both spend the same machines ([`crate::admission`]).
 //!
 //! - usage: sum of the sizes of a user's (group's) clusters in
-//!   `provisioning`, `running` or `terminating`;
+//!   `provisioning`, `running` or `terminating`, kept as counters in
+//!   `machine_usage` (migrations/0006_machine_usage.sql);
 //! - user limit: `users.quota_machines`, else the group's quota, else
 //!   `ORRERY_DEFAULT_QUOTA`;
 //! - group limit: `groups.quota_machines` (none when NULL);
@@ -14,6 +16,8 @@
 //!   minus allocated local machines, minus the machines still owed to
 //!   clusters being provisioned, minus every *other* group's unused
 //!   reservation (`reserved_machines` − that group's usage).
+
+use std::collections::HashMap;
 
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -50,17 +54,6 @@ pub struct Refusal {
 }
 
 impl Standing {
-    /// The standing as it was before the caller's own (already inserted,
-    /// still provisioning, machine-less) cluster of `size`.
-    pub fn without(mut self, size: i64) -> Self {
-        self.user_usage -= size;
-        if let Some(g) = self.group.as_mut() {
-            g.usage -= size;
-        }
-        self.available += size;
-        self
-    }
-
     /// The most machines the caller may request now, and which bound binds.
     pub fn headroom(&self) -> (i64, &'static str) {
         let user = self.user_limit - self.user_usage;
@@ -106,13 +99,13 @@ pub fn admit(s: &Standing, size: i64) -> Result<(), Refusal> {
     })
 }
 
-const ACTIVE: &str = "('provisioning', 'running', 'terminating')";
+/// The `machine_usage` scope counting the machines of clusters still provisioning.
+const PENDING: &str = "00000000-0000-0000-0000-000000000000";
 
 /// Serialise admissions: one transaction-scoped advisory lock, so quota and
 /// availability are read and spent atomically across every API process.
-/// Callers write their cluster first and take the lock last, right before
-/// [`load`] and the commit, so the serialised part is two statements and a
-/// commit; [`Standing::without`] then removes the caller's own cluster.
+/// Held until the commit; [`crate::admission`] makes a whole batch of
+/// requests share it.
 pub async fn lock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(7263548129)")
         .execute(conn)
@@ -126,60 +119,153 @@ pub async fn load(
     cfg: &ApiConfig,
     user_id: Uuid,
 ) -> Result<Standing, sqlx::Error> {
-    // Every aggregate is an index-only scan (see the covering indexes in
-    // migrations/0003_api.sql): by owner, by group, and over the clusters
-    // still provisioning (at most the capacity in steady state).
-    let sql = format!(
-        "WITH me AS (
-             SELECT u.id, u.quota_machines AS uq, g.id AS gid, g.name AS gname,
-                    g.quota_machines AS gq
-             FROM users u LEFT JOIN groups g ON g.id = u.group_id WHERE u.id = $1),
-         others AS (
-             SELECT COALESCE(sum(GREATEST(g.reserved_machines -
-                        COALESCE((SELECT sum(a.size) FROM clusters a
-                                  WHERE a.group_id = g.id AND a.state IN {ACTIVE}), 0), 0)), 0) AS n
-             FROM groups g WHERE g.reserved_machines > 0 AND g.id IS DISTINCT FROM (SELECT gid FROM me))
-         SELECT me.uq, me.gid, me.gname, me.gq,
-                (SELECT COALESCE(sum(size), 0) FROM clusters
-                 WHERE owner_id = me.id AND state IN {ACTIVE})::bigint AS user_usage,
-                (SELECT COALESCE(sum(size), 0) FROM clusters
-                 WHERE group_id = me.gid AND state IN {ACTIVE})::bigint AS group_usage,
-                (CASE WHEN $2 = 'pool'
-                      THEN (SELECT count(*) FROM machines WHERE provider = 'pool' AND state = 'free')
-                      ELSE $3 - (SELECT count(*) FROM machines WHERE provider = 'local' AND state = 'allocated')
-                 END
-                 - (SELECT COALESCE(sum(size), 0) FROM clusters WHERE state = 'provisioning')
-                 + (SELECT count(*) FROM machines m JOIN clusters c ON c.id = m.cluster_id
-                    WHERE c.state = 'provisioning'))::bigint AS available,
-                (SELECT n FROM others)::bigint AS reserved_for_others
-         FROM me"
-    );
-    let row = sqlx::query(&sql)
-        .bind(user_id)
-        .bind(match cfg.provider {
-            Provider::Pool => "pool",
-            Provider::Local => "local",
-        })
-        .bind(cfg.local_capacity)
-        .fetch_one(conn)
-        .await?;
-    let uq: Option<i32> = row.try_get("uq")?;
-    let gq: Option<i32> = row.try_get("gq")?;
-    let gid: Option<Uuid> = row.try_get("gid")?;
-    Ok(Standing {
-        user_usage: row.try_get("user_usage")?,
-        user_limit: uq.or(gq).map(i64::from).unwrap_or(cfg.default_quota),
-        group: match gid {
-            Some(_) => Some(GroupStanding {
-                name: row.try_get("gname")?,
-                usage: row.try_get("group_usage")?,
-                limit: gq.map(i64::from),
+    Ledger::load(conn, cfg, &[user_id])
+        .await?
+        .standing(user_id)
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The inputs of the decision for several callers at once, read in one
+/// statement and kept current in memory while a batch of requests is
+/// admitted one after the other ([`Ledger::spend`]), so a batch reads the
+/// database once however many requests it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    default_quota: i64,
+    /// Machines free for anyone after pending demand, before reservations.
+    available: i64,
+    users: HashMap<Uuid, UserLine>,
+    /// The callers' groups and every group holding a reservation.
+    groups: HashMap<Uuid, GroupLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UserLine {
+    quota: Option<i64>,
+    group_id: Option<Uuid>,
+    usage: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GroupLine {
+    name: String,
+    quota: Option<i64>,
+    reserved: i64,
+    usage: i64,
+}
+
+impl Ledger {
+    /// Read the ledger of `users` (unknown ids are left out).
+    pub async fn load(
+        conn: &mut PgConnection,
+        cfg: &ApiConfig,
+        users: &[Uuid],
+    ) -> Result<Ledger, sqlx::Error> {
+        // Usage comes from the counters of migrations/0006_machine_usage.sql:
+        // a few primary-key reads, however many clusters exist. The machine
+        // counts are bounded by the inventory (pool) or the capacity (local).
+        let sql = format!(
+            "WITH me AS (SELECT id, quota_machines, group_id FROM users WHERE id = ANY($1))
+             SELECT 'user' AS kind, me.id, me.quota_machines::bigint AS quota, me.group_id,
+                    NULL::text AS name, 0::bigint AS reserved,
+                    COALESCE((SELECT machines FROM machine_usage WHERE scope = me.id), 0) AS usage
+             FROM me
+             UNION ALL
+             SELECT 'group', g.id, g.quota_machines::bigint, NULL, g.name, g.reserved_machines::bigint,
+                    COALESCE((SELECT machines FROM machine_usage WHERE scope = g.id), 0)
+             FROM groups g
+             WHERE g.reserved_machines > 0 OR g.id IN (SELECT group_id FROM me)
+             UNION ALL
+             SELECT 'available', NULL, NULL, NULL, NULL, 0,
+                    (CASE WHEN $2 = 'pool'
+                          THEN (SELECT count(*) FROM machines WHERE provider = 'pool' AND state = 'free')
+                          ELSE $3 - (SELECT count(*) FROM machines WHERE provider = 'local' AND state = 'allocated')
+                     END
+                     - COALESCE((SELECT machines FROM machine_usage WHERE scope = '{PENDING}'), 0)
+                     + (SELECT count(*) FROM machines m
+                        WHERE m.state = 'allocated'
+                          AND m.cluster_id IN (SELECT id FROM clusters WHERE state = 'provisioning')))::bigint"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(users)
+            .bind(match cfg.provider {
+                Provider::Pool => "pool",
+                Provider::Local => "local",
+            })
+            .bind(cfg.local_capacity)
+            .fetch_all(conn)
+            .await?;
+        let mut ledger = Ledger {
+            default_quota: cfg.default_quota,
+            ..Ledger::default()
+        };
+        for row in rows {
+            let usage: i64 = row.try_get("usage")?;
+            match row.try_get::<&str, _>("kind")? {
+                "user" => {
+                    ledger.users.insert(
+                        row.try_get("id")?,
+                        UserLine {
+                            quota: row.try_get("quota")?,
+                            group_id: row.try_get("group_id")?,
+                            usage,
+                        },
+                    );
+                }
+                "group" => {
+                    ledger.groups.insert(
+                        row.try_get("id")?,
+                        GroupLine {
+                            name: row.try_get("name")?,
+                            quota: row.try_get("quota")?,
+                            reserved: row.try_get("reserved")?,
+                            usage,
+                        },
+                    );
+                }
+                _ => ledger.available = usage,
+            }
+        }
+        Ok(ledger)
+    }
+
+    /// The standing of `user` as of everything spent so far.
+    pub fn standing(&self, user: Uuid) -> Option<Standing> {
+        let me = self.users.get(&user)?;
+        let group = me.group_id.and_then(|g| self.groups.get(&g));
+        Some(Standing {
+            user_usage: me.usage,
+            user_limit: me
+                .quota
+                .or(group.and_then(|g| g.quota))
+                .unwrap_or(self.default_quota),
+            group: group.map(|g| GroupStanding {
+                name: g.name.clone(),
+                usage: g.usage,
+                limit: g.quota,
             }),
-            None => None,
-        },
-        available: row.try_get("available")?,
-        reserved_for_others: row.try_get("reserved_for_others")?,
-    })
+            available: self.available,
+            reserved_for_others: self
+                .groups
+                .iter()
+                .filter(|(id, _)| Some(**id) != me.group_id)
+                .map(|(_, g)| (g.reserved - g.usage).max(0))
+                .sum(),
+        })
+    }
+
+    /// Record an admitted cluster of `size` for `user`: it counts against
+    /// the user, their group and the machines available.
+    pub fn spend(&mut self, user: Uuid, size: i64) {
+        let Some(me) = self.users.get_mut(&user) else {
+            return;
+        };
+        me.usage += size;
+        if let Some(g) = me.group_id.and_then(|g| self.groups.get_mut(&g)) {
+            g.usage += size;
+        }
+        self.available -= size;
+    }
 }
 
 #[cfg(test)]
@@ -239,18 +325,86 @@ mod tests {
     }
 
     #[test]
-    fn a_standing_read_after_the_callers_own_insert_is_corrected() {
-        let mut after = standing();
-        after.user_usage += 3;
-        after.group.as_mut().unwrap().usage += 3;
-        after.available -= 3;
-        assert_eq!(after.without(3), standing());
-    }
-
-    #[test]
     fn without_a_group_only_the_user_limit_and_the_pool_count() {
         let mut s = standing();
         s.group = None;
         assert_eq!(s.headroom(), (6, "quota"));
+    }
+
+    #[test]
+    fn a_ledger_spends_a_batch_in_order_against_user_group_and_reservations() {
+        let (alice, bob, data, vip) = (
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            Uuid::from_u128(4),
+        );
+        let mut ledger = Ledger {
+            default_quota: 8,
+            available: 10,
+            users: HashMap::from([
+                (
+                    alice,
+                    UserLine {
+                        quota: None,
+                        group_id: Some(data),
+                        usage: 0,
+                    },
+                ),
+                (
+                    bob,
+                    UserLine {
+                        quota: Some(3),
+                        group_id: None,
+                        usage: 1,
+                    },
+                ),
+            ]),
+            groups: HashMap::from([
+                (
+                    data,
+                    GroupLine {
+                        name: "data".into(),
+                        quota: Some(6),
+                        reserved: 0,
+                        usage: 2,
+                    },
+                ),
+                (
+                    vip,
+                    GroupLine {
+                        name: "vip".into(),
+                        quota: None,
+                        reserved: 3,
+                        usage: 1,
+                    },
+                ),
+            ]),
+        };
+        let alice_now = ledger.standing(alice).unwrap();
+        assert_eq!(
+            (alice_now.user_limit, alice_now.reserved_for_others),
+            (6, 2)
+        );
+        assert_eq!(
+            alice_now.headroom(),
+            (4, "quota"),
+            "the group has 4 of 6 left"
+        );
+        ledger.spend(alice, 3);
+        // Alice's cluster counts against her group and the pool for Bob too.
+        let bob_now = ledger.standing(bob).unwrap();
+        assert_eq!(bob_now.available, 7);
+        assert_eq!(bob_now.headroom(), (2, "quota"));
+        assert_eq!(
+            admit(&ledger.standing(alice).unwrap(), 2)
+                .unwrap_err()
+                .message,
+            "You can request up to 1 machines at this point."
+        );
+        assert!(
+            ledger.standing(Uuid::from_u128(9)).is_none(),
+            "an unknown user has no standing"
+        );
     }
 }

@@ -8,6 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use orrery_workflows::store::NewRun;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -94,15 +95,31 @@ pub struct TaskSpec<'a> {
     pub callback_url: Option<&'a str>,
 }
 
-/// Insert the run, its task row and, when asked, a webhook delivery run.
-/// Returns the task; nothing is dispatched until [`finish`].
-pub async fn record(
-    conn: &mut PgConnection,
+/// A task ready to be written by [`write`]: its run, its `tasks` row and,
+/// when asked, a webhook delivery run. Building it checks the workflow and
+/// its input, so a batch only writes what is known to be valid.
+pub struct Prepared {
+    run: NewRun,
+    user_id: Uuid,
+    kind: String,
+    cluster_id: Option<Uuid>,
+    idem: Option<Idempotency>,
+    callback: Option<Callback>,
+}
+
+struct Callback {
+    id: Uuid,
+    url: String,
+    delivery: NewRun,
+}
+
+/// Build (without writing) what [`write`] records for `spec`.
+pub fn prepare(
     app: &App,
     caller: &Caller,
     spec: TaskSpec<'_>,
     idem: Option<&Idempotency>,
-) -> ApiResult<Submitted> {
+) -> ApiResult<Prepared> {
     let run = app
         .engine
         .new_run(spec.workflow, spec.input, Some(&caller.name))
@@ -118,62 +135,141 @@ pub async fn record(
             }
             other => other.into(),
         })?;
-    orrery_workflows::store::insert_run(&mut *conn, &run).await?;
-    sqlx::query(
-        "INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(run.id)
-    .bind(caller.user_id)
-    .bind(spec.cluster_id)
-    .bind(spec.kind)
-    .bind(idem.map(|i| &i.key))
-    .bind(idem.map(|i| &i.request_sha256))
-    .execute(&mut *conn)
-    .await?;
-    let mut dispatch = vec![(run.queue.clone(), run.id)];
-    if let Some(url) = spec.callback_url {
-        let callback_id = Uuid::now_v7();
-        let delivery = app
-            .engine
-            .new_run(
-                &app.config.workflows.callback,
-                json!({ "callback_id": callback_id }),
-                Some(&caller.name),
-            )
-            .map_err(|e| {
-                let mut err = ApiError::invalid(
-                    "callback_url",
-                    "callbacks are not available on this installation; poll the task or use its events instead",
-                );
-                err.internal = Some(e.into());
-                err
-            })?;
-        sqlx::query(
-            "INSERT INTO callbacks (id, task_run_id, user_id, url) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(callback_id)
-        .bind(run.id)
-        .bind(caller.user_id)
-        .bind(url)
-        .execute(&mut *conn)
-        .await?;
-        orrery_workflows::store::insert_run(&mut *conn, &delivery).await?;
-        sqlx::query("UPDATE callbacks SET delivery_run_id = $2 WHERE id = $1")
-            .bind(callback_id)
-            .bind(delivery.id)
-            .execute(&mut *conn)
-            .await?;
-        dispatch.push((delivery.queue.clone(), delivery.id));
-    }
-    Ok(Submitted {
-        task_id: run.id,
+    let callback = match spec.callback_url {
+        None => None,
+        Some(url) => {
+            let id = Uuid::now_v7();
+            let delivery = app
+                .engine
+                .new_run(
+                    &app.config.workflows.callback,
+                    json!({ "callback_id": id }),
+                    Some(&caller.name),
+                )
+                .map_err(|e| {
+                    let mut err = ApiError::invalid(
+                        "callback_url",
+                        "callbacks are not available on this installation; poll the task or use its events instead",
+                    );
+                    err.internal = Some(e.into());
+                    err
+                })?;
+            Some(Callback {
+                id,
+                url: url.to_owned(),
+                delivery,
+            })
+        }
+    };
+    Ok(Prepared {
+        run,
+        user_id: caller.user_id,
         kind: spec.kind.to_owned(),
         cluster_id: spec.cluster_id,
-        state: "queued".into(),
-        repeated: false,
-        dispatch,
+        idem: idem.cloned(),
+        callback,
     })
+}
+
+impl Prepared {
+    pub fn run_id(&self) -> Uuid {
+        self.run.id
+    }
+
+    /// The task as answered once [`write`] is committed.
+    pub fn submitted(&self) -> Submitted {
+        let mut dispatch = vec![(self.run.queue.clone(), self.run.id)];
+        if let Some(c) = &self.callback {
+            dispatch.push((c.delivery.queue.clone(), c.delivery.id));
+        }
+        Submitted {
+            task_id: self.run.id,
+            kind: self.kind.clone(),
+            cluster_id: self.cluster_id,
+            state: "queued".into(),
+            repeated: false,
+            dispatch,
+        }
+    }
+}
+
+/// Write the runs, task rows and webhook deliveries of `items`: two
+/// statements however many there are. Nothing is dispatched; see [`finish`]
+/// and [`dispatch_all`].
+pub async fn write(conn: &mut PgConnection, items: &[&Prepared]) -> Result<(), sqlx::Error> {
+    let runs: Vec<NewRun> = items
+        .iter()
+        .flat_map(|p| std::iter::once(&p.run).chain(p.callback.as_ref().map(|c| &c.delivery)))
+        .cloned()
+        .collect();
+    orrery_workflows::store::insert_runs(&mut *conn, &runs).await?;
+    let callbacks: Vec<(&Prepared, &Callback)> = items
+        .iter()
+        .filter_map(|p| p.callback.as_ref().map(|c| (*p, c)))
+        .collect();
+    sqlx::query(
+        "WITH t AS (
+            INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::bytea[])
+         )
+         INSERT INTO callbacks (id, task_run_id, user_id, url, delivery_run_id)
+         SELECT * FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::text[], $11::uuid[])",
+    )
+    .bind(items.iter().map(|p| p.run.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|p| p.user_id).collect::<Vec<_>>())
+    .bind(items.iter().map(|p| p.cluster_id).collect::<Vec<_>>())
+    .bind(items.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
+    .bind(
+        items
+            .iter()
+            .map(|p| p.idem.as_ref().map(|i| i.key.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        items
+            .iter()
+            .map(|p| p.idem.as_ref().map(|i| i.request_sha256.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(callbacks.iter().map(|(_, c)| c.id).collect::<Vec<_>>())
+    .bind(callbacks.iter().map(|(p, _)| p.run.id).collect::<Vec<_>>())
+    .bind(callbacks.iter().map(|(p, _)| p.user_id).collect::<Vec<_>>())
+    .bind(callbacks.iter().map(|(_, c)| c.url.as_str()).collect::<Vec<_>>())
+    .bind(callbacks.iter().map(|(_, c)| c.delivery.id).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Insert the run, its task row and, when asked, a webhook delivery run.
+/// Returns the task; nothing is dispatched until [`finish`].
+pub async fn record(
+    conn: &mut PgConnection,
+    app: &App,
+    caller: &Caller,
+    spec: TaskSpec<'_>,
+    idem: Option<&Idempotency>,
+) -> ApiResult<Submitted> {
+    let prepared = prepare(app, caller, spec, idem)?;
+    write(conn, &[&prepared]).await?;
+    Ok(prepared.submitted())
+}
+
+/// Tell the workers about committed runs: one push per queue. A failure is
+/// only logged: the runs are committed and the reconciler dispatches them.
+pub async fn dispatch_all<'a>(app: &App, runs: impl IntoIterator<Item = &'a (String, Uuid)>) {
+    let mut by_queue: Vec<(&str, Vec<Uuid>)> = Vec::new();
+    for (queue, run_id) in runs {
+        match by_queue.iter_mut().find(|(q, _)| q == queue) {
+            Some((_, ids)) => ids.push(*run_id),
+            None => by_queue.push((queue, vec![*run_id])),
+        }
+    }
+    for (queue, ids) in by_queue {
+        if let Err(err) = app.engine.dispatcher.dispatch_many(queue, &ids).await {
+            tracing::warn!(queue, runs = ids.len(), error = %err, "dispatch failed; the reconciler will retry it");
+        }
+    }
 }
 
 /// Commit, then dispatch. A concurrent request with the same
@@ -196,11 +292,7 @@ pub async fn finish(
         }
         Err(e) => return Err(e.into()),
     }
-    for (queue, run_id) in &submitted.dispatch {
-        if let Err(err) = app.engine.dispatcher.dispatch(queue, *run_id).await {
-            tracing::warn!(%run_id, queue, error = %err, "dispatch failed; the reconciler will retry it");
-        }
-    }
+    dispatch_all(app, &submitted.dispatch).await;
     Ok(submitted)
 }
 

@@ -138,6 +138,20 @@ pub async fn connect_db(cfg: &EngineConfig) -> Result<sqlx::PgPool, sqlx::Error>
         .await
 }
 
+/// A connection of its own (outside the pool) for a task that runs the same
+/// few statements over and over in a loop (the checkpoint writer, the API's
+/// admission batches): with a generic plan PostgreSQL plans each prepared
+/// statement once instead of at every execution, which for their multi-CTE,
+/// array-parameter statements costs more than executing them.
+pub async fn connect_dedicated(pool: &sqlx::PgPool) -> Result<sqlx::PgConnection, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,15 @@ pub enum Job {
 #[async_trait]
 pub trait Dispatcher: Send + Sync + 'static {
     async fn dispatch(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError>;
+
+    /// Dispatch several runs of one queue; a backend that can pushes them in
+    /// one round-trip (the API's batched submissions use this).
+    async fn dispatch_many(&self, queue: &str, run_ids: &[Uuid]) -> Result<(), EngineError> {
+        for run_id in run_ids {
+            self.dispatch(queue, *run_id).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Redis key prefix of a logical queue. apalis' pub/sub wake-up splits
@@ -100,15 +109,25 @@ impl RedisDispatcher {
 #[async_trait]
 impl Dispatcher for RedisDispatcher {
     async fn dispatch(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError> {
+        self.dispatch_many(queue, &[run_id]).await
+    }
+
+    async fn dispatch_many(&self, queue: &str, run_ids: &[Uuid]) -> Result<(), EngineError> {
+        let Some(last) = run_ids.last() else {
+            return Ok(());
+        };
         let mut storage = self.storage(queue);
+        let jobs = run_ids.iter().map(|&run_id| Dispatch { run_id }).collect();
+        // One call of apalis' batch push script for the whole slice.
         storage
-            .push(Dispatch { run_id })
+            .push_bulk(jobs)
             .await
             .map_err(|e| EngineError::Dispatch(format!("push to queue `{queue}`: {e}")))?;
         // apalis-redis 1.0 passes its `emit_events` flag to its push script as
         // "true", which the script compares with "1", so it never publishes the
         // wake-up its own pub/sub consumers wait for. Publish it here, on the
-        // channel those consumers subscribe to, so a push wakes them at once.
+        // channel those consumers subscribe to, so a push wakes them at once
+        // (one message wakes an idle consumer, which then drains the list).
         let channel = format!(
             "tasks:{}:available",
             queue_config(&self.namespace, queue).active_jobs_list()
@@ -116,7 +135,7 @@ impl Dispatcher for RedisDispatcher {
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")
             .arg(channel)
-            .arg(run_id.to_string())
+            .arg(last.to_string())
             .query_async::<i64>(&mut conn)
             .await
             .map_err(|e| EngineError::Dispatch(format!("wake queue `{queue}`: {e}")))?;

@@ -236,23 +236,44 @@ pub struct NewRun {
 /// connection so callers can commit it together with their own intent (a
 /// cluster row) before anything is pushed to Redis.
 pub async fn insert_run(conn: &mut PgConnection, run: &NewRun) -> Result<(), sqlx::Error> {
+    insert_runs(conn, std::slice::from_ref(run)).await
+}
+
+/// [`insert_run`] for many runs in one statement (the API's group commit of
+/// submissions writes a whole batch this way).
+pub async fn insert_runs(conn: &mut PgConnection, runs: &[NewRun]) -> Result<(), sqlx::Error> {
+    if runs.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "WITH r AS (
             INSERT INTO runs (id, workflow, workflow_version, input, state, queue, created_by,
                               dispatched_at, stuck_after)
-            VALUES ($1, $2, $3, $4, 'queued', $5, $6, now(), now() + make_interval(secs => $7))
-            RETURNING id
+            SELECT id, workflow, version, input, 'queued', queue, created_by,
+                   now(), now() + make_interval(secs => stuck_secs)
+            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::text[],
+                        $7::float8[])
+                 AS t(id, workflow, version, input, queue, created_by, stuck_secs)
+            RETURNING id, created_by
          )
          INSERT INTO run_history (run_id, event, detail)
-         SELECT id, 'submitted', jsonb_build_object('by', $6::text) FROM r",
+         SELECT id, 'submitted', jsonb_build_object('by', created_by) FROM r",
     )
-    .bind(run.id)
-    .bind(&run.workflow)
-    .bind(run.workflow_version)
-    .bind(&run.input)
-    .bind(&run.queue)
-    .bind(&run.created_by)
-    .bind(run.stuck_in.as_secs_f64())
+    .bind(runs.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.workflow_version).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| &r.input).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
+    .bind(
+        runs.iter()
+            .map(|r| r.created_by.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        runs.iter()
+            .map(|r| r.stuck_in.as_secs_f64())
+            .collect::<Vec<_>>(),
+    )
     .execute(conn)
     .await?;
     Ok(())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -152,7 +152,7 @@ async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply
         }
         let updates: Vec<&RunUpdate> = batch.iter().map(|(u, _)| u).collect();
         if conn.is_none() {
-            conn = connect_writer(&pool).await;
+            conn = crate::config::connect_dedicated(&pool).await.ok();
         }
         let result = match conn.as_mut() {
             Some(c) => write_batch(c, &updates).await,
@@ -176,20 +176,6 @@ async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply
             }
         }
     }
-}
-
-/// The writer's own connection. Its one statement is always the same
-/// prepared statement: a generic plan spares PostgreSQL from planning the
-/// multi-CTE statement again for every batch.
-async fn connect_writer(pool: &PgPool) -> Option<PgConnection> {
-    let mut conn = PgConnection::connect_with(&pool.connect_options())
-        .await
-        .ok()?;
-    sqlx::query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut conn)
-        .await
-        .ok()?;
-    Some(conn)
 }
 
 /// One statement for the whole batch; returns the ids whose fence matched.

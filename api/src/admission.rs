@@ -1,0 +1,351 @@
+//! Admission of cluster requests by group commit.
+//!
+//! Quota and availability must be read and spent atomically across every API
+//! process, so admission is serialised by one transaction-scoped lock
+//! ([`quotas::lock`]) held until the commit. Admitting one request per
+//! transaction would cap the whole installation at one commit (an fsync and a
+//! dozen round-trips) per cluster request. Instead each API process hands its
+//! cluster requests to one admission task, which takes whatever queued up
+//! while its previous batch committed and admits it in one transaction, on a
+//! connection of its own (generic plans: see
+//! [`orrery_workflows::config::connect_dedicated`]):
+//!
+//! lock → (idempotency lookups) → one [`quotas::Ledger`] read (usage
+//! counters, not sums over clusters) → each request decided in order, in
+//! memory → clusters, accounts, runs and tasks of the admitted ones written
+//! with three multi-row statements → commit → one Redis push per queue.
+//!
+//! Each request still gets its own answer (202, 403, 422, 503). A batch that
+//! fails as a whole (a database error, a concurrent request with the same
+//! `Idempotency-Key` committing first) is retried one request per
+//! transaction, so one request's failure is never another's. Two requests
+//! with the same `Idempotency-Key` in one batch are split: the later one waits
+//! for the next batch and finds the first one's task.
+
+use std::{collections::HashSet, sync::Weak};
+
+use axum::http::StatusCode;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::{
+    app::App,
+    auth::Caller,
+    clusters::ClusterSpec,
+    error::{ApiError, ApiResult},
+    quotas::{self, Ledger},
+    submit::{self, Idempotency, Prepared, Submitted, TaskSpec},
+};
+
+/// The most requests one transaction admits: a burst from many clients
+/// shares a commit, and the lock is still held for milliseconds only.
+const MAX_BATCH: usize = 128;
+
+/// A cluster request waiting for admission.
+struct Request {
+    caller: Caller,
+    spec: ClusterSpec,
+    idem: Option<Idempotency>,
+    reply: oneshot::Sender<ApiResult<Submitted>>,
+}
+
+/// The handle to this process' admission task.
+pub struct Admissions {
+    queue: mpsc::UnboundedSender<Request>,
+}
+
+impl Admissions {
+    /// Start the admission task of `app`. It ends when the [`App`] is dropped.
+    pub fn start(app: Weak<App>) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(app, rx));
+        Admissions { queue }
+    }
+
+    /// Admit (or refuse) one cluster request, sharing a transaction with
+    /// whatever other requests are waiting.
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        spec: ClusterSpec,
+        idem: Option<&Idempotency>,
+    ) -> ApiResult<Submitted> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "this API process is shutting down; retry the request",
+            )
+        };
+        self.queue
+            .send(Request {
+                caller: caller.clone(),
+                spec,
+                idem: idem.cloned(),
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(app: Weak<App>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut carried: Vec<Request> = Vec::new();
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        let mut batch = std::mem::take(&mut carried);
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(r) => batch.push(r),
+                None => return,
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let Some(app) = app.upgrade() else { return };
+        let (now, later) = split_repeated_keys(batch);
+        carried = later;
+        admit_batch(&app, &mut conn, now).await;
+    }
+}
+
+/// Requests repeating an `Idempotency-Key` already in the batch go to the
+/// next one, where they find the first request's task.
+fn split_repeated_keys(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
+    let mut seen = HashSet::new();
+    batch.into_iter().partition(|r| match &r.idem {
+        None => true,
+        Some(i) => seen.insert((r.caller.user_id, i.key.clone())),
+    })
+}
+
+/// Admit `batch` on `conn`, the admission task's own connection,
+/// (re)connecting when there is none; a connection that saw an error is
+/// dropped, in case the error was the connection's.
+async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Request>) {
+    let decided = async {
+        let db = match conn {
+            Some(db) => db,
+            None => conn.insert(orrery_workflows::config::connect_dedicated(&app.pool).await?),
+        };
+        decide_and_write(app, db, &batch).await
+    }
+    .await;
+    let (answers, dispatch) = match decided {
+        Ok(done) => done,
+        Err(err) => {
+            *conn = None;
+            if batch.len() == 1 {
+                (vec![Err(err)], Vec::new())
+            } else {
+                let reason = err
+                    .internal
+                    .as_ref()
+                    .map_or_else(|| err.detail.clone(), |e| format!("{e:#}"));
+                tracing::warn!(requests = batch.len(), error = %reason, "admission batch failed; admitting its requests one by one");
+                for r in batch {
+                    Box::pin(admit_batch(app, conn, vec![r])).await;
+                }
+                return;
+            }
+        }
+    };
+    submit::dispatch_all(app, &dispatch).await;
+    for (r, answer) in batch.into_iter().zip(answers) {
+        // The client may have gone; its cluster is committed all the same
+        // and its Idempotency-Key finds it.
+        let _ = r.reply.send(answer);
+    }
+}
+
+type Decided = (Vec<ApiResult<Submitted>>, Vec<(String, Uuid)>);
+
+/// One transaction for the whole batch: an answer per request, and the runs
+/// to dispatch once committed.
+async fn decide_and_write(
+    app: &App,
+    conn: &mut PgConnection,
+    batch: &[Request],
+) -> ApiResult<Decided> {
+    let mut tx = conn.begin().await?;
+    quotas::lock(&mut tx).await?;
+    let mut answers = repeats(&mut tx, batch).await?;
+    let users: Vec<Uuid> = batch.iter().map(|r| r.caller.user_id).collect();
+    let mut ledger = Ledger::load(&mut tx, &app.config, &users).await?;
+    let mut admitted: Vec<Admitted<'_>> = Vec::new();
+    for (index, (r, answer)) in batch.iter().zip(answers.iter_mut()).enumerate() {
+        if answer.is_some() {
+            continue;
+        }
+        let size = i64::from(r.spec.size);
+        let Some(standing) = ledger.standing(r.caller.user_id) else {
+            *answer = Some(Err(ApiError::unauthorized("this account no longer exists")));
+            continue;
+        };
+        if let Err(refusal) = quotas::admit(&standing, size) {
+            *answer = Some(Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "quota-exceeded",
+                refusal.message,
+            )
+            .with("can_request", refusal.can_request)
+            .with("reason", refusal.reason)));
+            continue;
+        }
+        let cluster_id = Uuid::now_v7();
+        let task = TaskSpec {
+            kind: "create_cluster",
+            workflow: &app.config.workflows.create,
+            input: json!({ "cluster_id": cluster_id }),
+            cluster_id: Some(cluster_id),
+            callback_url: r.spec.callback_url.as_deref(),
+        };
+        match submit::prepare(app, &r.caller, task, r.idem.as_ref()) {
+            Ok(task) => {
+                ledger.spend(r.caller.user_id, size);
+                admitted.push(Admitted {
+                    index,
+                    request: r,
+                    cluster_id,
+                    task,
+                });
+            }
+            Err(e) => *answer = Some(Err(e)),
+        }
+    }
+    if !admitted.is_empty() {
+        write_clusters(&mut tx, &admitted).await?;
+        let tasks: Vec<&Prepared> = admitted.iter().map(|a| &a.task).collect();
+        submit::write(&mut tx, &tasks).await?;
+    }
+    tx.commit().await?;
+    let mut dispatch = Vec::new();
+    for a in &admitted {
+        let s = a.task.submitted();
+        dispatch.extend(s.dispatch.iter().cloned());
+        answers[a.index] = Some(Ok(s));
+    }
+    let answers = answers
+        .into_iter()
+        .map(|a| a.expect("every request of a committed batch is answered"))
+        .collect();
+    Ok((answers, dispatch))
+}
+
+/// An admitted request with the rows it writes.
+struct Admitted<'a> {
+    /// Its place in the batch.
+    index: usize,
+    request: &'a Request,
+    cluster_id: Uuid,
+    task: Prepared,
+}
+
+/// The answers already known before admission: requests whose
+/// `Idempotency-Key` names an existing task (the same task, or 422 when the
+/// key came with a different request).
+async fn repeats(
+    conn: &mut PgConnection,
+    batch: &[Request],
+) -> ApiResult<Vec<Option<ApiResult<Submitted>>>> {
+    let mut answers: Vec<Option<ApiResult<Submitted>>> = batch.iter().map(|_| None).collect();
+    if batch.iter().all(|r| r.idem.is_none()) {
+        return Ok(answers);
+    }
+    for (r, answer) in batch.iter().zip(answers.iter_mut()) {
+        match submit::existing(&mut *conn, &r.caller, r.idem.as_ref()).await {
+            Ok(Some(s)) => *answer = Some(Ok(s)),
+            Ok(None) => {}
+            Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => *answer = Some(Err(e)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(answers)
+}
+
+/// The admitted clusters with their run, and an account on each for the
+/// owner (and, when shared, for every active member of the owner's group).
+async fn write_clusters(
+    conn: &mut PgConnection,
+    admitted: &[Admitted<'_>],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH c AS (
+            INSERT INTO clusters (id, name, owner_id, group_id, size, services, shared,
+                                  expires_at, state, run_id)
+            SELECT id, name, owner, grp, size, ARRAY(SELECT jsonb_array_elements_text(svc)),
+                   shared, now() + make_interval(secs => ttl), 'provisioning', run_id
+            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::int[], $6::jsonb[],
+                        $7::bool[], $8::float8[], $9::uuid[])
+                 AS t(id, name, owner, grp, size, svc, shared, ttl, run_id)
+            RETURNING id, owner_id, group_id, shared
+         )
+         INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
+         SELECT c.id, u.name, u.id,
+                (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
+                 FROM ssh_keys k WHERE k.user_id = u.id),
+                u.id = c.owner_id
+         FROM c JOIN users u ON u.id = c.owner_id
+         UNION ALL
+         SELECT c.id, u.name, u.id,
+                (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
+                 FROM ssh_keys k WHERE k.user_id = u.id),
+                false
+         FROM c JOIN users u ON c.shared AND u.group_id = c.group_id
+                                AND u.id <> c.owner_id AND u.disabled_at IS NULL",
+    )
+    .bind(admitted.iter().map(|a| a.cluster_id).collect::<Vec<_>>())
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.spec.name.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.caller.user_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.caller.group_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.spec.size)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| json!(a.request.spec.services))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.spec.shared)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admitted
+            .iter()
+            .map(|a| a.request.spec.ttl_seconds.map(|s| s as f64))
+            .collect::<Vec<_>>(),
+    )
+    .bind(admitted.iter().map(|a| a.task.run_id()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
