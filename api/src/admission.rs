@@ -22,9 +22,10 @@
 //! with the same `Idempotency-Key` in one batch are split: the later one waits
 //! for the next batch and finds the first one's task.
 
-use std::{collections::HashSet, sync::Weak};
+use std::{collections::HashSet, panic::AssertUnwindSafe, sync::Weak};
 
 use axum::http::StatusCode;
+use futures::FutureExt;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
@@ -76,8 +77,8 @@ impl Admissions {
         let stopped = || {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "shutting-down",
-                "this API process is shutting down; retry the request",
+                "not-admitted",
+                "this API process could not take the request (shutting down or failing); retry it",
             )
         };
         self.queue
@@ -112,7 +113,14 @@ async fn run(app: Weak<App>, mut rx: mpsc::UnboundedReceiver<Request>) {
         let Some(app) = app.upgrade() else { return };
         let (now, later) = split_repeated_keys(batch);
         carried = later;
-        admit_batch(&app, &mut conn, now).await;
+        // A bug in one batch must not stop admission for the process'
+        // lifetime: its requests are answered 503 (their replies dropped),
+        // the connection is replaced, and the next batch goes on.
+        let admitted = AssertUnwindSafe(admit_batch(&app, &mut conn, now)).catch_unwind();
+        if admitted.await.is_err() {
+            tracing::error!("admission batch panicked; its requests were answered 503");
+            conn = None;
+        }
     }
 }
 
