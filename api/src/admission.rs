@@ -146,12 +146,12 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
         decide_and_write(app, db, &batch).await
     }
     .await;
-    let (answers, dispatch) = match decided {
-        Ok(done) => done,
+    let answers = match decided {
+        Ok(answers) => answers,
         Err(err) => {
             *conn = None;
             if batch.len() == 1 {
-                (vec![Err(err)], Vec::new())
+                vec![Err(err)]
             } else {
                 let reason = err
                     .internal
@@ -165,7 +165,8 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
             }
         }
     };
-    submit::dispatch_all(app, &dispatch).await;
+    // Only newly recorded tasks carry runs to dispatch (a repeat has none).
+    submit::dispatch_all(app, answers.iter().flatten().flat_map(|s| &s.dispatch)).await;
     for (r, answer) in batch.into_iter().zip(answers) {
         // The client may have gone; its cluster is committed all the same
         // and its Idempotency-Key finds it.
@@ -173,15 +174,12 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
     }
 }
 
-type Decided = (Vec<ApiResult<Submitted>>, Vec<(String, Uuid)>);
-
-/// One transaction for the whole batch: an answer per request, and the runs
-/// to dispatch once committed.
+/// One transaction for the whole batch: an answer per request.
 async fn decide_and_write(
     app: &App,
     conn: &mut PgConnection,
     batch: &[Request],
-) -> ApiResult<Decided> {
+) -> ApiResult<Vec<ApiResult<Submitted>>> {
     let mut tx = conn.begin().await?;
     quotas::lock(&mut tx).await?;
     let mut answers = repeats(&mut tx, batch).await?;
@@ -234,17 +232,13 @@ async fn decide_and_write(
         submit::write(&mut tx, &tasks).await?;
     }
     tx.commit().await?;
-    let mut dispatch = Vec::new();
     for a in &admitted {
-        let s = a.task.submitted();
-        dispatch.extend(s.dispatch.iter().cloned());
-        answers[a.index] = Some(Ok(s));
+        answers[a.index] = Some(Ok(a.task.submitted()));
     }
-    let answers = answers
+    Ok(answers
         .into_iter()
         .map(|a| a.expect("every request of a committed batch is answered"))
-        .collect();
-    Ok((answers, dispatch))
+        .collect())
 }
 
 /// An admitted request with the rows it writes.
@@ -264,9 +258,7 @@ async fn repeats(
     batch: &[Request],
 ) -> ApiResult<Vec<Option<ApiResult<Submitted>>>> {
     let mut answers: Vec<Option<ApiResult<Submitted>>> = batch.iter().map(|_| None).collect();
-    if batch.iter().all(|r| r.idem.is_none()) {
-        return Ok(answers);
-    }
+    // `existing` asks the database only for requests with a key.
     for (r, answer) in batch.iter().zip(answers.iter_mut()) {
         match submit::existing(&mut *conn, &r.caller, r.idem.as_ref()).await {
             Ok(Some(s)) => *answer = Some(Ok(s)),
@@ -294,20 +286,20 @@ async fn write_clusters(
                         $7::bool[], $8::float8[], $9::uuid[])
                  AS t(id, name, owner, grp, size, svc, shared, ttl, run_id)
             RETURNING id, owner_id, group_id, shared
+         ),
+         members AS (
+            SELECT c.id AS cluster_id, c.owner_id AS user_id, true AS sudoer FROM c
+            UNION ALL
+            SELECT c.id, u.id, false
+            FROM c JOIN users u ON c.shared AND u.group_id = c.group_id
+                                   AND u.id <> c.owner_id AND u.disabled_at IS NULL
          )
          INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
-         SELECT c.id, u.name, u.id,
+         SELECT m.cluster_id, u.name, u.id,
                 (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
                  FROM ssh_keys k WHERE k.user_id = u.id),
-                u.id = c.owner_id
-         FROM c JOIN users u ON u.id = c.owner_id
-         UNION ALL
-         SELECT c.id, u.name, u.id,
-                (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
-                 FROM ssh_keys k WHERE k.user_id = u.id),
-                false
-         FROM c JOIN users u ON c.shared AND u.group_id = c.group_id
-                                AND u.id <> c.owner_id AND u.disabled_at IS NULL",
+                m.sudoer
+         FROM members m JOIN users u ON u.id = m.user_id",
     )
     .bind(admitted.iter().map(|a| a.cluster_id).collect::<Vec<_>>())
     .bind(

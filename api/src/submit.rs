@@ -197,10 +197,9 @@ impl Prepared {
 /// statements however many there are. Nothing is dispatched; see [`finish`]
 /// and [`dispatch_all`].
 pub async fn write(conn: &mut PgConnection, items: &[&Prepared]) -> Result<(), sqlx::Error> {
-    let runs: Vec<NewRun> = items
+    let runs: Vec<&NewRun> = items
         .iter()
         .flat_map(|p| std::iter::once(&p.run).chain(p.callback.as_ref().map(|c| &c.delivery)))
-        .cloned()
         .collect();
     orrery_workflows::store::insert_runs(&mut *conn, &runs).await?;
     let callbacks: Vec<(&Prepared, &Callback)> = items

@@ -236,12 +236,12 @@ pub struct NewRun {
 /// connection so callers can commit it together with their own intent (a
 /// cluster row) before anything is pushed to Redis.
 pub async fn insert_run(conn: &mut PgConnection, run: &NewRun) -> Result<(), sqlx::Error> {
-    insert_runs(conn, std::slice::from_ref(run)).await
+    insert_runs(conn, &[run]).await
 }
 
 /// [`insert_run`] for many runs in one statement (the API's group commit of
 /// submissions writes a whole batch this way).
-pub async fn insert_runs(conn: &mut PgConnection, runs: &[NewRun]) -> Result<(), sqlx::Error> {
+pub async fn insert_runs(conn: &mut PgConnection, runs: &[&NewRun]) -> Result<(), sqlx::Error> {
     if runs.is_empty() {
         return Ok(());
     }
