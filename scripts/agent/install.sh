@@ -1,10 +1,15 @@
 #!/bin/sh
 # install.sh SERVER [PORT]: install Orrery's ambari-agent stand-in on this
 # host and point it at the Ambari emulator's agent port (default 8440).
-# Copies ambari-agent (from this folder, or $AMBARI_AGENT_SOURCE) to
-# /usr/sbin/ambari-agent and writes /etc/ambari-agent/conf/ambari-agent.ini.
-# Safe to re-run: files are replaced atomically, nothing is started (run
-# `ambari-agent restart` afterwards, as one would with the real agent).
+# Copies ambari-agent (from this folder, or $AMBARI_AGENT_SOURCE, which may
+# be /dev/stdin) to /usr/sbin/ambari-agent and writes
+# /etc/ambari-agent/conf/ambari-agent.ini. Safe to re-run; nothing is started
+# (run `ambari-agent restart` afterwards, as one would with the real agent).
+#
+# The bootstrap step runs this on every host of a cluster at once, and on the
+# local provider those hosts share this machine's cores: every process spawned
+# here costs CPU on all of them, so shell built-ins are used where a command
+# is not needed (one `install`, a `mkdir` only when a folder is missing).
 #
 # Overrides: AMBARI_AGENT_PREFIX (folder of the command, /usr/sbin),
 # AMBARI_AGENT_CONF (the ini path).
@@ -19,26 +24,29 @@ PORT=${2:-8440}
 case $PORT in '' | *[!0-9]*) echo "install.sh: port must be a number, not '$PORT'" >&2; exit 2 ;; esac
 case $SERVER in *[!A-Za-z0-9.:_-]*) echo "install.sh: bad server name '$SERVER'" >&2; exit 2 ;; esac
 
-SOURCE=${AMBARI_AGENT_SOURCE:-$(cd "$(dirname "$0")" && pwd)/ambari-agent}
+if [ -n "${AMBARI_AGENT_SOURCE:-}" ]; then
+    SOURCE=$AMBARI_AGENT_SOURCE
+else
+    case $0 in */*) SOURCE=${0%/*}/ambari-agent ;; *) SOURCE=./ambari-agent ;; esac
+fi
 PREFIX=${AMBARI_AGENT_PREFIX:-/usr/sbin}
 CONF=${AMBARI_AGENT_CONF:-/etc/ambari-agent/conf/ambari-agent.ini}
+case $CONF in */*) CONF_DIR=${CONF%/*} ;; *) CONF_DIR=. ;; esac
 
 [ -r "$SOURCE" ] || { echo "install.sh: cannot read $SOURCE" >&2; exit 1; }
-mkdir -p "$PREFIX" "$(dirname "$CONF")"
+[ -d "$PREFIX" ] && [ -d "$CONF_DIR" ] || mkdir -p "$PREFIX" "$CONF_DIR"
 
-cp "$SOURCE" "$PREFIX/.ambari-agent.tmp.$$"
-chmod 0755 "$PREFIX/.ambari-agent.tmp.$$"
-mv -f "$PREFIX/.ambari-agent.tmp.$$" "$PREFIX/ambari-agent"
+# `install` unlinks the old file before writing the new one, so an agent
+# running the old script (sh reads it as it goes) keeps its own copy.
+install -m 0755 "$SOURCE" "$PREFIX/ambari-agent"
 
-cat >"$CONF.tmp.$$" <<INI
-; Written by Orrery's install.sh (the keys are the real ambari-agent's).
-[server]
-hostname=$SERVER
-url_port=$PORT
-secured_url_port=$PORT
-
-[agent]
-heartbeat_interval_seconds=${AMBARI_AGENT_HEARTBEAT_INTERVAL:-5}
-INI
-mv -f "$CONF.tmp.$$" "$CONF"
+printf '%s\n' \
+    "; Written by Orrery's install.sh (the keys are the real ambari-agent's)." \
+    "[server]" \
+    "hostname=$SERVER" \
+    "url_port=$PORT" \
+    "secured_url_port=$PORT" \
+    "" \
+    "[agent]" \
+    "heartbeat_interval_seconds=${AMBARI_AGENT_HEARTBEAT_INTERVAL:-5}" >"$CONF"
 echo "ambari-agent installed in $PREFIX, server $SERVER:$PORT ($CONF)"

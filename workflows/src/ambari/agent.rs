@@ -18,9 +18,15 @@ pub const DEFAULT_AGENT_PORT: u16 = 8440;
 
 /// A shell command (for `sh -c` over SSH, as root) that installs the agent
 /// pointing at `server:port` and restarts it. Safe to run again: files are
-/// replaced atomically and `restart` ends with exactly one agent running.
+/// replaced and `restart` ends with exactly one agent running.
 /// `None` if `server` is not a plain host name or address (it is embedded
 /// in the command).
+///
+/// The installer runs in a subshell with the agent script as its standard
+/// input (`AMBARI_AGENT_SOURCE=/dev/stdin`) rather than from temporary files:
+/// every host of a cluster runs this at once, and on the local provider they
+/// share this machine's cores, so each process not spawned (`mktemp`, `cat`,
+/// a second `sh`, `rm`) is CPU given back to the other hosts.
 pub fn bootstrap_command(server: &str, port: u16) -> Option<String> {
     let plain = !server.is_empty()
         && server
@@ -31,11 +37,10 @@ pub fn bootstrap_command(server: &str, port: u16) -> Option<String> {
     }
     Some(format!(
         "set -e\n\
-         d=$(mktemp -d)\n\
-         trap 'rm -rf \"$d\"' EXIT\n\
-         cat >\"$d/ambari-agent\" <<'ORRERY_AGENT_EOF'\n{AGENT_SCRIPT}ORRERY_AGENT_EOF\n\
-         cat >\"$d/install.sh\" <<'ORRERY_INSTALL_EOF'\n{INSTALL_SCRIPT}ORRERY_INSTALL_EOF\n\
-         sh \"$d/install.sh\" '{server}' {port}\n\
+         (\n\
+         set -- '{server}' {port}\n\
+         AMBARI_AGENT_SOURCE=/dev/stdin\n\
+         {INSTALL_SCRIPT}) <<'ORRERY_AGENT_EOF'\n{AGENT_SCRIPT}ORRERY_AGENT_EOF\n\
          \"${{AMBARI_AGENT_PREFIX:-/usr/sbin}}/ambari-agent\" restart\n"
     ))
 }
@@ -49,7 +54,7 @@ mod tests {
         let cmd = bootstrap_command("10.0.3.1", 8440).unwrap();
         assert!(cmd.contains("url_port=$PORT"));
         assert!(cmd.contains("__loop"));
-        assert!(cmd.contains("'10.0.3.1' 8440"));
+        assert!(cmd.contains("set -- '10.0.3.1' 8440"));
         assert!(AGENT_SCRIPT.ends_with('\n') && INSTALL_SCRIPT.ends_with('\n'));
         assert!(bootstrap_command("x'; rm -rf /", 1).is_none());
         assert!(bootstrap_command("", 1).is_none());
