@@ -63,7 +63,7 @@
 
 mod bench_common;
 
-use bench_common::{redis_cleanup, with_database};
+use bench_common::{cpu_delta, cpu_of, raw_inserts, redis_cleanup, with_database, Baseline, RAW_TABLE_SQL};
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
@@ -117,8 +117,10 @@ struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
-    /// Rows inserted per baseline measurement.
-    #[arg(long, default_value_t = 4000)]
+    /// Rows inserted per baseline measurement at `--concurrency` (measured
+    /// before and after the throughput phases); c=1 and c=4 insert a fifth.
+    /// The default matches the steps of one throughput phase.
+    #[arg(long, default_value_t = 20000)]
     raw_inserts: usize,
     /// Runs of `bench.noop1` in the latency phase.
     #[arg(long, default_value_t = 200)]
@@ -224,7 +226,7 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .connect(&ctx.db_url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        sqlx::raw_sql("CREATE TABLE bench_raw (id uuid PRIMARY KEY, payload jsonb NOT NULL)")
+        sqlx::raw_sql(RAW_TABLE_SQL)
             .execute(&pool)
             .await?;
         pool.close().await;
@@ -242,21 +244,23 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     levels.dedup();
     let mut baseline = Vec::new();
     let mut base_cpu = f64::NAN;
+    let mut base_before = f64::NAN;
     for &c in &levels {
-        let (rate, cpu_us) = raw_inserts(&ctx.db_url, c, args.raw_inserts).await?;
+        let total = if c == args.concurrency {
+            args.raw_inserts
+        } else {
+            (args.raw_inserts / 5).max(c)
+        };
+        let (rate, cpu_us) = raw_inserts(&ctx.db_url, c, total).await?;
         println!(
-            "[baseline] c={c:<3} {rate:>8.0} INSERT commits/s; PostgreSQL backends used {cpu_us:.0} µs CPU per commit"
+            "[baseline] c={c:<3} {rate:>8.0} INSERT commits/s over {total} commits; PostgreSQL backends used {cpu_us:.0} µs CPU per commit"
         );
         if c == args.concurrency {
             base_cpu = cpu_us;
+            base_before = rate;
         }
         baseline.push((c, rate));
     }
-    let base_eq = baseline
-        .iter()
-        .find(|(c, _)| *c == args.concurrency)
-        .map(|(_, r)| *r)
-        .unwrap_or(f64::NAN);
 
     // 2. and 3. Submission cost, then wire counts: a worker through the
     // counting proxy drains the submitted runs, at full and at 1 run in flight.
@@ -284,6 +288,19 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         conn_overhead,
     )
     .await?;
+
+    // The c=--concurrency baseline again, right after the phases it is
+    // compared with.
+    let (after, _) = raw_inserts(&ctx.db_url, args.concurrency, args.raw_inserts).await?;
+    println!(
+        "[baseline] c={:<3} {after:>8.0} INSERT commits/s over {} commits (after the throughput phases)",
+        args.concurrency, args.raw_inserts
+    );
+    let base = Baseline {
+        before: base_before,
+        after,
+    };
+    let base_eq = base.mean();
 
     // 6. Latency.
     let lat = latency_phase(ctx).await?;
@@ -326,6 +343,11 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join("  ");
     row("baseline", "raw INSERT commits/s", base_line);
+    row(
+        "baseline",
+        &format!("reference at c={c} (before and after the engine)"),
+        base.describe(),
+    );
     let tps = [
         (format!("1 worker x {c}"), &one),
         (format!("{} workers x {per}", args.workers), &many),
@@ -503,75 +525,6 @@ async fn xact_commits(ctx: &Ctx) -> anyhow::Result<i64> {
     Ok(commits)
 }
 
-/// Autocommit single-row inserts from `concurrency` connections; commits/s.
-/// Autocommit single-row inserts from `concurrency` connections: commits/s,
-/// and CPU microseconds the PostgreSQL backends spent per commit.
-async fn raw_inserts(url: &str, concurrency: usize, total: usize) -> anyhow::Result<(f64, f64)> {
-    let per = (total / concurrency).max(1);
-    let mut conns = Vec::with_capacity(concurrency);
-    let mut pids = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let mut conn = PgConnection::connect(url).await?;
-        let pid: i32 = sqlx::raw_sql("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?
-            .try_get(0)?;
-        pids.push(pid as u32);
-        // Prepare the statement and warm the connection up.
-        for i in 0..5 {
-            insert_raw(&mut conn, i).await?;
-        }
-        conns.push(conn);
-    }
-    let cpu_before = cpu_of(&pids);
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|mut conn| {
-            tokio::spawn(async move {
-                for i in 0..per {
-                    insert_raw(&mut conn, i).await?;
-                }
-                Ok::<_, sqlx::Error>(conn)
-            })
-        })
-        .collect();
-    let mut done = Vec::new();
-    for t in tasks {
-        done.push(t.await??);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let pg_cpu = cpu_delta(&cpu_before, &cpu_of(&pids));
-    for conn in done {
-        conn.close().await?;
-    }
-    let commits = (per * concurrency) as f64;
-    Ok((commits / elapsed, pg_cpu * 1e6 / commits))
-}
-
-/// CPU seconds (user + system) each process has used so far, from /proc
-/// (ticks of USER_HZ = 100 on Linux); processes already gone are left out.
-fn cpu_of(pids: &[u32]) -> HashMap<u32, f64> {
-    pids.iter()
-        .filter_map(|&pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((pid, (utime + stime) / 100.0))
-        })
-        .collect()
-}
-
-/// CPU seconds used between two samples (a process first seen in `after`
-/// counts from zero).
-fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
-    after
-        .iter()
-        .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0))
-        .sum()
-}
-
 /// CPU of the workers, of the PostgreSQL backends serving the benchmark
 /// database, and of this program.
 struct CpuSample {
@@ -609,14 +562,6 @@ fn cpu_between(a: &CpuSample, b: &CpuSample) -> (f64, f64, f64, f64) {
     )
 }
 
-async fn insert_raw(conn: &mut PgConnection, i: usize) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO bench_raw (id, payload) VALUES ($1, $2)")
-        .bind(Uuid::now_v7())
-        .bind(json!({ "i": i }))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
 /// The Redis namespace of one phase. Each phase has its own: a stopped
 /// worker's never-acknowledged dispatches are re-enqueued as orphans about

@@ -17,13 +17,14 @@
 //! with a Bearer key), so the client costs as little CPU as possible on the
 //! same machine.
 //!
-//! 1. Baseline: `--inserts` raw INSERT commits from `--concurrency` connections.
+//! 1. Baseline: `--inserts` raw INSERT commits from `--concurrency` connections,
+//!    measured again after the polls; the reference is the mean of the two.
 //! 2. Submissions: `--submissions` `POST /v1/clusters`, all answered 202.
 //! 3. Polls: `GET /v1/tasks/{id}` of the submitted tasks for `--poll-secs`.
 
 mod bench_common;
 
-use bench_common::with_database;
+use bench_common::{raw_inserts, with_database, Baseline, RAW_TABLE_SQL};
 
 use std::{
     sync::{
@@ -111,12 +112,12 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
     {
         let mut conn = PgConnection::connect(db_url).await?;
         MIGRATOR.run(&mut conn).await?;
-        sqlx::raw_sql("CREATE TABLE bench_raw (id uuid PRIMARY KEY, payload jsonb NOT NULL)")
+        sqlx::raw_sql(RAW_TABLE_SQL)
             .execute(&mut conn)
             .await?;
     }
-    let baseline = raw_inserts(db_url, c, args.inserts).await?;
-    println!("[baseline]    c={c:<3} {baseline:>8.0} raw INSERT commits/s");
+    let (before, _) = raw_inserts(db_url, c, args.inserts).await?;
+    println!("[baseline]    c={c:<3} {before:>8.0} raw INSERT commits/s over {} commits", args.inserts);
 
     let engine_cfg = EngineConfig {
         database_url: db_url.to_owned(),
@@ -196,12 +197,7 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let subs = per_client.iter().map(Vec::len).sum::<usize>() as f64 / secs;
     lat.sort();
-    println!(
-        "[submissions] c={c:<3} {subs:>8.0} POST /v1/clusters/s ({:.0}% of the raw-INSERT baseline); p50 {:.1} ms, p99 {:.1} ms",
-        subs / baseline * 100.0,
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
-    );
+    let (subs_p50, subs_p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
 
     // Polls.
     let until = Instant::now() + Duration::from_secs(args.poll_secs);
@@ -234,11 +230,21 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
+    let polls = lat.len() as f64 / secs;
+    let (polls_p50, polls_p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    shutdown.cancel();
+
+    let (after, _) = raw_inserts(db_url, c, args.inserts).await?;
+    println!("[baseline]    c={c:<3} {after:>8.0} raw INSERT commits/s over {} commits (after)", args.inserts);
+    let base = Baseline { before, after };
+    let baseline = base.mean();
+    println!("[baseline]    c={c:<3} reference {}", base.describe());
     println!(
-        "[polls]       c={c:<3} {:>8.0} GET /v1/tasks/{{id}}/s; p50 {:.2} ms, p99 {:.2} ms",
-        lat.len() as f64 / secs,
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
+        "[submissions] c={c:<3} {subs:>8.0} POST /v1/clusters/s ({:.0}% of the raw-INSERT baseline); p50 {subs_p50:.1} ms, p99 {subs_p99:.1} ms",
+        subs / baseline * 100.0,
+    );
+    println!(
+        "[polls]       c={c:<3} {polls:>8.0} GET /v1/tasks/{{id}}/s; p50 {polls_p50:.2} ms, p99 {polls_p99:.2} ms"
     );
     println!(
         "targets: submissions >= 40% of baseline: {}; polls > 5000/s: {}",
@@ -247,13 +253,12 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
         } else {
             "NOT met"
         },
-        if lat.len() as f64 / secs > 5000.0 {
+        if polls > 5000.0 {
             "met"
         } else {
             "NOT met"
         }
     );
-    shutdown.cancel();
     Ok(())
 }
 
@@ -263,43 +268,6 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64() * 1000.0
-}
-
-async fn raw_inserts(url: &str, concurrency: usize, total: usize) -> anyhow::Result<f64> {
-    let per = (total / concurrency).max(1);
-    let mut conns = Vec::new();
-    for _ in 0..concurrency {
-        let mut conn = PgConnection::connect(url).await?;
-        for i in 0..5 {
-            insert_raw(&mut conn, i).await?;
-        }
-        conns.push(conn);
-    }
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|mut conn| {
-            tokio::spawn(async move {
-                for i in 0..per {
-                    insert_raw(&mut conn, i).await?;
-                }
-                Ok::<_, sqlx::Error>(())
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
-    Ok((per * concurrency) as f64 / start.elapsed().as_secs_f64())
-}
-
-async fn insert_raw(conn: &mut PgConnection, i: usize) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO bench_raw (id, payload) VALUES ($1, $2)")
-        .bind(Uuid::now_v7())
-        .bind(json!({ "i": i }))
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// A minimal HTTP/1.1 keep-alive client: enough for JSON requests to axum.
