@@ -63,7 +63,9 @@
 
 mod bench_common;
 
-use bench_common::{cpu_delta, cpu_of, raw_inserts, redis_cleanup, with_database, Baseline, RAW_TABLE_SQL};
+use bench_common::{
+    cpu_delta, cpu_of, raw_inserts, redis_cleanup, with_database, Baseline, RAW_TABLE_SQL,
+};
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
@@ -226,9 +228,7 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .connect(&ctx.db_url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        sqlx::raw_sql(RAW_TABLE_SQL)
-            .execute(&pool)
-            .await?;
+        sqlx::raw_sql(RAW_TABLE_SQL).execute(&pool).await?;
         pool.close().await;
     }
     // What opening (and closing) one connection adds to the commit counter.
@@ -561,7 +561,6 @@ fn cpu_between(a: &CpuSample, b: &CpuSample) -> (f64, f64, f64, f64) {
         (b.at - a.at).as_secs_f64(),
     )
 }
-
 
 /// The Redis namespace of one phase. Each phase has its own: a stopped
 /// worker's never-acknowledged dispatches are re-enqueued as orphans about

@@ -112,12 +112,13 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
     {
         let mut conn = PgConnection::connect(db_url).await?;
         MIGRATOR.run(&mut conn).await?;
-        sqlx::raw_sql(RAW_TABLE_SQL)
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(RAW_TABLE_SQL).execute(&mut conn).await?;
     }
     let (before, _) = raw_inserts(db_url, c, args.inserts).await?;
-    println!("[baseline]    c={c:<3} {before:>8.0} raw INSERT commits/s over {} commits", args.inserts);
+    println!(
+        "[baseline]    c={c:<3} {before:>8.0} raw INSERT commits/s over {} commits",
+        args.inserts
+    );
 
     let engine_cfg = EngineConfig {
         database_url: db_url.to_owned(),
@@ -235,7 +236,10 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
     shutdown.cancel();
 
     let (after, _) = raw_inserts(db_url, c, args.inserts).await?;
-    println!("[baseline]    c={c:<3} {after:>8.0} raw INSERT commits/s over {} commits (after)", args.inserts);
+    println!(
+        "[baseline]    c={c:<3} {after:>8.0} raw INSERT commits/s over {} commits (after)",
+        args.inserts
+    );
     let base = Baseline { before, after };
     let baseline = base.mean();
     println!("[baseline]    c={c:<3} reference {}", base.describe());
@@ -253,11 +257,7 @@ async fn run(args: &Args, db_url: &str, namespace: &str) -> anyhow::Result<()> {
         } else {
             "NOT met"
         },
-        if polls > 5000.0 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        if polls > 5000.0 { "met" } else { "NOT met" }
     );
     Ok(())
 }

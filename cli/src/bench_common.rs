@@ -11,7 +11,8 @@ use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
 /// The baseline's table, created in the benchmark's scratch database.
-pub const RAW_TABLE_SQL: &str = "CREATE TABLE bench_raw (id uuid PRIMARY KEY, payload jsonb NOT NULL)";
+pub const RAW_TABLE_SQL: &str =
+    "CREATE TABLE bench_raw (id uuid PRIMARY KEY, payload jsonb NOT NULL)";
 
 /// Delete every Redis key of a benchmark's namespace.
 pub async fn redis_cleanup(url: &str, namespace: &str) -> anyhow::Result<()> {
@@ -60,7 +61,11 @@ pub fn with_database(url: &str, db: &str) -> String {
 
 /// Autocommit single-row inserts from `concurrency` connections: commits/s,
 /// and CPU microseconds the PostgreSQL backends spent per commit.
-pub async fn raw_inserts(url: &str, concurrency: usize, total: usize) -> anyhow::Result<(f64, f64)> {
+pub async fn raw_inserts(
+    url: &str,
+    concurrency: usize,
+    total: usize,
+) -> anyhow::Result<(f64, f64)> {
     let per = (total / concurrency).max(1);
     let mut conns = Vec::with_capacity(concurrency);
     let mut pids = Vec::with_capacity(concurrency);
