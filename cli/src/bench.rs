@@ -244,7 +244,6 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     levels.dedup();
     let mut baseline = Vec::new();
     let mut base_cpu = f64::NAN;
-    let mut base_before = f64::NAN;
     for &c in &levels {
         let total = if c == args.concurrency {
             args.raw_inserts
@@ -257,7 +256,6 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         );
         if c == args.concurrency {
             base_cpu = cpu_us;
-            base_before = rate;
         }
         baseline.push((c, rate));
     }
@@ -296,10 +294,12 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         "[baseline] c={:<3} {after:>8.0} INSERT commits/s over {} commits (after the throughput phases)",
         args.concurrency, args.raw_inserts
     );
-    let base = Baseline {
-        before: base_before,
-        after,
-    };
+    let before = baseline
+        .iter()
+        .find(|(c, _)| *c == args.concurrency)
+        .map(|(_, r)| *r)
+        .unwrap_or(f64::NAN);
+    let base = Baseline { before, after };
     let base_eq = base.mean();
 
     // 6. Latency.
