@@ -1436,6 +1436,77 @@ async fn concurrent_requests_never_spend_the_same_quota_twice() {
     api.assert_usage_counters_match().await;
 }
 
+/// Cluster requests have their API keys checked by admission, a batch at a
+/// time: each request still gets the answer its own key earns, and only
+/// requests with a good key write anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_requests_sent_together_each_get_the_answer_their_key_earns() {
+    let api = Api::start("api_batch_keys").await;
+    let alice = api.user("alice", None, false).await;
+    let bob = api.user("bob", None, false).await;
+    let carol = api.user("carol", None, false).await;
+    let forged = format!("{}x", &alice[..alice.len() - 1]);
+    let unknown = "orr_aaaaaaaaaaaaaaaa_secret".to_owned();
+    // Bob's key is revoked and Carol's account disabled behind the API's back.
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE user_id = (SELECT id FROM users WHERE name = 'bob')")
+        .execute(&api.env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE users SET disabled_at = now() WHERE name = 'carol'")
+        .execute(&api.env.pool)
+        .await
+        .unwrap();
+    let cases = [
+        (&alice, 202),
+        (&forged, 401),
+        (&bob, 401),
+        (&carol, 403),
+        (&unknown, 401),
+        (&alice, 202),
+    ];
+    for _round in 0..3 {
+        let sent = cases.iter().enumerate().map(|(i, (token, _))| {
+            let api = &api;
+            async move {
+                api.post(
+                    "/v1/clusters",
+                    token,
+                    json!({ "name": format!("k{i}"), "size": 1 }),
+                )
+                .await
+            }
+        });
+        let answers = futures::future::join_all(sent).await;
+        for ((_, expected), answer) in cases.iter().zip(&answers) {
+            if *expected == 202 {
+                assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+            } else {
+                answer.assert_problem(*expected, None);
+            }
+        }
+    }
+    assert_eq!(
+        (
+            api.count("clusters").await,
+            api.count("runs").await,
+            api.count("tasks").await
+        ),
+        (6, 6, 6),
+        "two good requests in each of three rounds"
+    );
+    // A wrong key is answered 401 before anything about the body.
+    api.raw_post("/v1/clusters", &forged, "{ not json")
+        .await
+        .assert_problem(401, None);
+    api.post("/v1/clusters", &bob, json!({ "name": "x", "size": 0 }))
+        .await
+        .assert_problem(401, None);
+    api.post("/v1/clusters", &alice, json!({ "name": "x", "size": 0 }))
+        .await
+        .assert_problem(422, Some("size"));
+    api.assert_usage_counters_match().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_raced_through_two_api_processes_makes_one_cluster() {
     let roomy = |c: &mut ApiConfig| {

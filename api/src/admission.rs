@@ -10,7 +10,9 @@
 //! connection of its own (generic plans: see
 //! [`orrery_workflows::config::connect_dedicated`]):
 //!
-//! lock → (idempotency lookups) → one [`quotas::Ledger`] read (usage
+//! the batch's API keys checked (one query: `/v1` cluster requests arrive
+//! with their key unchecked, see [`Requester`]) → lock → (idempotency
+//! lookups) → one [`quotas::Ledger`] read (usage
 //! counters, not sums over clusters) → each request decided in order, in
 //! memory → clusters, accounts, runs and tasks of the admitted ones written
 //! with three multi-row statements → commit → one Redis push per queue.
@@ -33,7 +35,7 @@ use uuid::Uuid;
 
 use crate::{
     app::App,
-    auth::Caller,
+    auth::{self, Caller, Credentials},
     clusters::ClusterSpec,
     error::{ApiError, ApiResult},
     quotas::{self, Ledger},
@@ -44,9 +46,18 @@ use crate::{
 /// shares a commit, and the lock is still held for milliseconds only.
 const MAX_BATCH: usize = 128;
 
+/// Who asks: a caller already authenticated, or a key the batch checks
+/// with the others' keys (one query for the batch instead of one per
+/// request, and no other round trip on the request's path).
+#[derive(Clone, Debug)]
+pub enum Requester {
+    Known(Caller),
+    Presented(Credentials),
+}
+
 /// A cluster request waiting for admission.
 struct Request {
-    caller: Caller,
+    requester: Requester,
     spec: ClusterSpec,
     idem: Option<Idempotency>,
     reply: oneshot::Sender<ApiResult<Submitted>>,
@@ -69,7 +80,7 @@ impl Admissions {
     /// whatever other requests are waiting.
     pub async fn submit(
         &self,
-        caller: &Caller,
+        requester: Requester,
         spec: ClusterSpec,
         idem: Option<&Idempotency>,
     ) -> ApiResult<Submitted> {
@@ -83,7 +94,7 @@ impl Admissions {
         };
         self.queue
             .send(Request {
-                caller: caller.clone(),
+                requester,
                 spec,
                 idem: idem.cloned(),
                 reply,
@@ -125,12 +136,21 @@ async fn run(app: Weak<App>, mut rx: mpsc::UnboundedReceiver<Request>) {
 }
 
 /// Requests repeating an `Idempotency-Key` already in the batch go to the
-/// next one, where they find the first request's task.
+/// next one, where they find the first request's task. (Before the keys are
+/// checked the requester is known by user or by API key; two keys of one
+/// user repeating a key in one batch collide at insert, and the batch is
+/// then retried one request at a time.)
 fn split_repeated_keys(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
     let mut seen = HashSet::new();
     batch.into_iter().partition(|r| match &r.idem {
         None => true,
-        Some(i) => seen.insert((r.caller.user_id, i.key.clone())),
+        Some(i) => {
+            let who = match &r.requester {
+                Requester::Known(c) => c.user_id.to_string(),
+                Requester::Presented(k) => k.lookup.clone(),
+            };
+            seen.insert((who, i.key.clone()))
+        }
     })
 }
 
@@ -180,18 +200,24 @@ async fn decide_and_write(
     conn: &mut PgConnection,
     batch: &[Request],
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
+    let (callers, mut answers) = identify(app, conn, batch).await?;
     let mut tx = conn.begin().await?;
     quotas::lock(&mut tx).await?;
-    let mut answers = repeats(&mut tx, batch).await?;
-    let users: Vec<Uuid> = batch.iter().map(|r| r.caller.user_id).collect();
+    repeats(&mut tx, batch, &callers, &mut answers).await?;
+    let users: Vec<Uuid> = callers.iter().flatten().map(|c| c.user_id).collect();
     let mut ledger = Ledger::load(&mut tx, &app.config, &users).await?;
     let mut admitted: Vec<Admitted<'_>> = Vec::new();
-    for (index, (r, answer)) in batch.iter().zip(answers.iter_mut()).enumerate() {
-        if answer.is_some() {
+    for (index, ((r, caller), answer)) in batch
+        .iter()
+        .zip(&callers)
+        .zip(answers.iter_mut())
+        .enumerate()
+    {
+        let (None, Some(caller)) = (&answer, caller) else {
             continue;
-        }
+        };
         let size = i64::from(r.spec.size);
-        let Some(standing) = ledger.standing(r.caller.user_id) else {
+        let Some(standing) = ledger.standing(caller.user_id) else {
             *answer = Some(Err(ApiError::unauthorized("this account no longer exists")));
             continue;
         };
@@ -213,12 +239,13 @@ async fn decide_and_write(
             cluster_id: Some(cluster_id),
             callback_url: r.spec.callback_url.as_deref(),
         };
-        match submit::prepare(app, &r.caller, task, r.idem.as_ref()) {
+        match submit::prepare(app, caller, task, r.idem.as_ref()) {
             Ok(task) => {
-                ledger.spend(r.caller.user_id, size);
+                ledger.spend(caller.user_id, size);
                 admitted.push(Admitted {
                     index,
                     request: r,
+                    caller,
                     cluster_id,
                     task,
                 });
@@ -246,28 +273,74 @@ struct Admitted<'a> {
     /// Its place in the batch.
     index: usize,
     request: &'a Request,
+    caller: &'a Caller,
     cluster_id: Uuid,
     task: Prepared,
 }
 
-/// The answers already known before admission: requests whose
-/// `Idempotency-Key` names an existing task (the same task, or 422 when the
-/// key came with a different request).
+/// Each request's caller, its API key checked now if it came unchecked
+/// (one query for the batch); a refused key is the request's answer.
+async fn identify(
+    app: &App,
+    conn: &mut PgConnection,
+    batch: &[Request],
+) -> ApiResult<(Vec<Option<Caller>>, Vec<Option<ApiResult<Submitted>>>)> {
+    let presented: Vec<&Credentials> = batch
+        .iter()
+        .filter_map(|r| match &r.requester {
+            Requester::Presented(key) => Some(key),
+            Requester::Known(_) => None,
+        })
+        .collect();
+    let mut verdicts = if presented.is_empty() {
+        Vec::new()
+    } else {
+        auth::verify_all(conn, &app.pool, &presented).await?
+    }
+    .into_iter();
+    let mut callers = Vec::with_capacity(batch.len());
+    let mut answers = Vec::with_capacity(batch.len());
+    for r in batch {
+        let verdict = match &r.requester {
+            Requester::Known(caller) => Ok(caller.clone()),
+            Requester::Presented(_) => verdicts.next().expect("a verdict per presented key"),
+        };
+        match verdict {
+            Ok(caller) => {
+                callers.push(Some(caller));
+                answers.push(None);
+            }
+            Err(refused) => {
+                callers.push(None);
+                answers.push(Some(Err(refused)));
+            }
+        }
+    }
+    Ok((callers, answers))
+}
+
+/// The answers known before admission: requests whose `Idempotency-Key`
+/// names an existing task (the same task, or 422 when the key came with a
+/// different request).
 async fn repeats(
     conn: &mut PgConnection,
     batch: &[Request],
-) -> ApiResult<Vec<Option<ApiResult<Submitted>>>> {
-    let mut answers: Vec<Option<ApiResult<Submitted>>> = batch.iter().map(|_| None).collect();
+    callers: &[Option<Caller>],
+    answers: &mut [Option<ApiResult<Submitted>>],
+) -> ApiResult<()> {
     // `existing` asks the database only for requests with a key.
-    for (r, answer) in batch.iter().zip(answers.iter_mut()) {
-        match submit::existing(&mut *conn, &r.caller, r.idem.as_ref()).await {
+    for ((r, caller), answer) in batch.iter().zip(callers).zip(answers.iter_mut()) {
+        let (None, Some(caller)) = (&answer, caller) else {
+            continue;
+        };
+        match submit::existing(&mut *conn, caller, r.idem.as_ref()).await {
             Ok(Some(s)) => *answer = Some(Ok(s)),
             Ok(None) => {}
             Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => *answer = Some(Err(e)),
             Err(e) => return Err(e),
         }
     }
-    Ok(answers)
+    Ok(())
 }
 
 /// The admitted clusters with their run, and an account on each for the
@@ -311,13 +384,13 @@ async fn write_clusters(
     .bind(
         admitted
             .iter()
-            .map(|a| a.request.caller.user_id)
+            .map(|a| a.caller.user_id)
             .collect::<Vec<_>>(),
     )
     .bind(
         admitted
             .iter()
-            .map(|a| a.request.caller.group_id)
+            .map(|a| a.caller.group_id)
             .collect::<Vec<_>>(),
     )
     .bind(

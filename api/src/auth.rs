@@ -7,8 +7,9 @@
 //! `Authorization: Basic base64(<lookup>:<secret>)`, so the id is the
 //! original platform's `apiKey` and the secret its `apiSecret`.
 //!
-//! Every request reads the key row (one indexed query), so a revoked key is
-//! refused at once by every API process; nothing is cached.
+//! Every request reads the key row (one indexed query; for cluster requests
+//! one query per admission batch), so a revoked key is refused at once by
+//! every API process; nothing is cached.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use base64::Engine as _;
@@ -97,57 +98,124 @@ pub fn basic_header(api_key: &str, api_secret: &str) -> String {
     )
 }
 
+/// An API key as presented in `Authorization`, not yet checked. Cluster
+/// requests carry it to admission, which checks a whole batch's keys with one
+/// query inside its own transaction ([`verify_all`]); other routes check it
+/// at once ([`Credentials::verify`]).
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub lookup: String,
+    secret: String,
+}
+
+impl Credentials {
+    pub fn new(lookup: &str, secret: &str) -> Self {
+        Credentials {
+            lookup: lookup.to_owned(),
+            secret: secret.to_owned(),
+        }
+    }
+
+    /// The caller this key belongs to, or 401/403.
+    pub async fn verify(&self, state: &AppState) -> ApiResult<Caller> {
+        let mut conn = state.0.pool.acquire().await?;
+        let mut answers = verify_all(&mut conn, &state.0.pool, &[self]).await?;
+        answers.pop().expect("one answer per key")
+    }
+}
+
 /// Check a key id and secret; the caller it belongs to, or 401.
 pub async fn authenticate(state: &AppState, lookup: &str, secret: &str) -> ApiResult<Caller> {
-    let row = sqlx::query(
-        "SELECT k.id AS key_id, k.secret_sha256, k.revoked_at IS NOT NULL AS revoked,
+    Credentials::new(lookup, secret).verify(state).await
+}
+
+/// Check `keys` with one query on `conn`: an answer per key, in order.
+/// Reading the key row on every request (no cache) is what refuses a revoked
+/// key at once in every API process. `last_used_at` is written at most once
+/// a minute per key, on `pool`, off the request's path.
+pub async fn verify_all(
+    conn: &mut sqlx::PgConnection,
+    pool: &sqlx::PgPool,
+    keys: &[&Credentials],
+) -> Result<Vec<ApiResult<Caller>>, sqlx::Error> {
+    const KEY_ROWS: &str = "SELECT k.lookup, k.id AS key_id, k.secret_sha256, k.revoked_at IS NOT NULL AS revoked,
                 (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute') AS stale,
                 u.id AS user_id, u.name, u.group_id, u.is_operator, u.disabled_at IS NOT NULL AS disabled
-         FROM api_keys k JOIN users u ON u.id = k.user_id
-         WHERE k.lookup = $1",
-    )
-    .bind(lookup)
-    .fetch_optional(&state.0.pool)
-    .await?;
-    let bad = || {
-        ApiError::unauthorized(
-            "the API key is not valid; create one with POST /v1/account/keys or ask an operator",
-        )
+         FROM api_keys k JOIN users u ON u.id = k.user_id";
+    // One key (every route but cluster creation) by equality: its plan is
+    // a single index probe, cheaper than the array form's.
+    let rows = if let [key] = keys {
+        sqlx::query(&format!("{KEY_ROWS} WHERE k.lookup = $1"))
+            .bind(&key.lookup)
+            .fetch_all(conn)
+            .await?
+    } else {
+        let lookups: Vec<&str> = keys.iter().map(|k| k.lookup.as_str()).collect();
+        sqlx::query(&format!("{KEY_ROWS} WHERE k.lookup = ANY($1)"))
+            .bind(&lookups)
+            .fetch_all(conn)
+            .await?
     };
-    let Some(row) = row else { return Err(bad()) };
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        found.insert(row.try_get::<String, _>("lookup")?, row);
+    }
+    let mut stale = Vec::new();
+    let mut answers = Vec::with_capacity(keys.len());
+    for key in keys {
+        let answer = match found.get(key.lookup.as_str()) {
+            None => Err(bad_key()),
+            Some(row) => {
+                let checked = check(row, key)?;
+                if checked.as_ref().is_ok() && row.try_get::<bool, _>("stale")? {
+                    stale.push(row.try_get::<Uuid, _>("key_id")?);
+                }
+                checked
+            }
+        };
+        answers.push(answer);
+    }
+    if !stale.is_empty() {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = ANY($1)")
+                .bind(stale)
+                .execute(&pool)
+                .await;
+        });
+    }
+    Ok(answers)
+}
+
+fn bad_key() -> ApiError {
+    ApiError::unauthorized(
+        "the API key is not valid; create one with POST /v1/account/keys or ask an operator",
+    )
+}
+
+/// The verdict on one presented key, given its row.
+fn check(row: &sqlx::postgres::PgRow, key: &Credentials) -> Result<ApiResult<Caller>, sqlx::Error> {
     let stored: Vec<u8> = row.try_get("secret_sha256")?;
-    if !bool::from(stored.ct_eq(&sha256(secret))) {
-        return Err(bad());
+    if !bool::from(stored.ct_eq(&sha256(&key.secret))) {
+        return Ok(Err(bad_key()));
     }
     if row.try_get::<bool, _>("revoked")? {
-        return Err(ApiError::unauthorized(
+        return Ok(Err(ApiError::unauthorized(
             "this API key has been revoked; use another key",
-        ));
+        )));
     }
     if row.try_get::<bool, _>("disabled")? {
-        return Err(ApiError::forbidden(
+        return Ok(Err(ApiError::forbidden(
             "this account is disabled; ask an operator",
-        ));
+        )));
     }
-    let caller = Caller {
+    Ok(Ok(Caller {
         user_id: row.try_get("user_id")?,
         name: row.try_get("name")?,
         group_id: row.try_get("group_id")?,
         is_operator: row.try_get("is_operator")?,
         key_id: row.try_get("key_id")?,
-    };
-    if row.try_get::<bool, _>("stale")? {
-        // At most one write a minute per key, off the request's path.
-        let pool = state.0.pool.clone();
-        let key_id = caller.key_id;
-        tokio::spawn(async move {
-            let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
-                .bind(key_id)
-                .execute(&pool)
-                .await;
-        });
-    }
-    Ok(caller)
+    }))
 }
 
 fn header(parts: &Parts) -> Option<&str> {
@@ -157,10 +225,11 @@ fn header(parts: &Parts) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Credentials {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+    /// `Authorization: Bearer orr_<lookup>_<secret>`, parsed but not checked.
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
         let Some(value) = header(parts) else {
             return Err(ApiError::unauthorized(
                 "send your API key as `Authorization: Bearer orr_...`",
@@ -178,7 +247,18 @@ impl FromRequestParts<AppState> for Caller {
                 "the API key is malformed; it looks like orr_<16 characters>_<secret>",
             )
         })?;
-        authenticate(state, lookup, secret).await
+        Ok(Credentials::new(lookup, secret))
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        Credentials::from_request_parts(parts, state)
+            .await?
+            .verify(state)
+            .await
     }
 }
 

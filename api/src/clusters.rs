@@ -23,8 +23,9 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::{
+    admission::Requester,
     app::{App, AppState},
-    auth::Caller,
+    auth::{Caller, Credentials},
     error::{ApiError, ApiResult},
     extract::{idempotency_key, parse_id, Body, Query},
     services,
@@ -161,11 +162,11 @@ pub fn validate(req: &CreateCluster, max_size: i64) -> ApiResult<ClusterSpec> {
 /// transaction shared with other waiting requests; see [`crate::admission`].
 pub async fn create(
     app: &App,
-    caller: &Caller,
+    requester: Requester,
     spec: ClusterSpec,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
-    app.admissions.submit(caller, spec, idem).await
+    app.admissions.submit(requester, spec, idem).await
 }
 
 /// SQL condition: the caller bound at $u (user), $g (group) and $o
@@ -564,20 +565,33 @@ pub async fn list(
 
 // ---- /v1 handlers ----
 
+/// The key is checked by admission with the rest of its batch; a request
+/// refused before that (bad body, bad header) checks it first, so a wrong
+/// key is still answered 401 whatever else is wrong.
 pub async fn create_handler(
     State(state): State<AppState>,
-    caller: Caller,
+    key: Credentials,
     headers: HeaderMap,
-    Body(req): Body<CreateCluster>,
+    body: Result<Body<CreateCluster>, ApiError>,
 ) -> ApiResult<Response> {
-    let key = idempotency_key(&headers)?;
-    let spec = validate(&req, state.0.config.max_cluster_size)?;
+    let checked = body.and_then(|Body(req)| {
+        let idem_key = idempotency_key(&headers)?;
+        let spec = validate(&req, state.0.config.max_cluster_size)?;
+        Ok((req, idem_key, spec))
+    });
+    let (req, idem_key, spec) = match checked {
+        Ok(checked) => checked,
+        Err(refused) => {
+            key.verify(&state).await?;
+            return Err(refused);
+        }
+    };
     let idem = Idempotency::new(
-        key,
+        idem_key,
         "POST /v1/clusters",
         &serde_json::to_value(&req).unwrap_or_default(),
     );
-    let s = create(&state.0, &caller, spec, idem.as_ref()).await?;
+    let s = create(&state.0, Requester::Presented(key), spec, idem.as_ref()).await?;
     Ok(submit::accepted(&s))
 }
 

@@ -20,6 +20,7 @@ use sqlx::Row;
 
 use crate::{
     accounts,
+    admission::Requester,
     app::AppState,
     auth::{authenticate, parse_basic, Caller},
     clusters::{self, ClusterView, CreateCluster},
@@ -159,7 +160,7 @@ pub async fn create(
         }
         e
     })?;
-    let s = clusters::create(&state.0, &caller, spec, None).await?;
+    let s = clusters::create(&state.0, Requester::Known(caller.clone()), spec, None).await?;
     let id = s.cluster_id.expect("create has a cluster");
     let view = clusters::show(&state.0, &caller, id).await?;
     let mut res = (
