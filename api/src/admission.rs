@@ -5,32 +5,42 @@
 //! ([`quotas::lock`]) held until the commit. Admitting one request per
 //! transaction would cap the whole installation at one commit (an fsync and a
 //! dozen round-trips) per cluster request. Instead each API process hands its
-//! cluster requests to one admission task, which takes whatever queued up
-//! while its previous batch committed and admits it in one transaction, on a
-//! connection of its own (generic plans: see
+//! cluster requests to [`PIPELINES`] admission tasks; each takes whatever
+//! queued up while its previous batch committed and admits it in one
+//! transaction, on a connection of its own (generic plans: see
 //! [`orrery_workflows::config::connect_dedicated`]):
 //!
 //! the batch's API keys checked (one query: `/v1` cluster requests arrive
-//! with their key unchecked, see [`Requester`]) → lock → (idempotency
-//! lookups) → one [`quotas::Ledger`] read (usage
-//! counters, not sums over clusters) → each request decided in order, in
-//! memory → clusters, accounts, runs and tasks of the admitted ones written
-//! with three multi-row statements → commit → one Redis push per queue.
+//! with their key unchecked, see [`Requester`]) → idempotency lookups →
+//! clusters, accounts, runs and tasks written with three multi-row
+//! statements → lock → one [`quotas::Ledger`] read (usage counters, not sums
+//! over clusters) → each request decided in order, in memory → the rows of
+//! refused requests deleted → commit → answers → one Redis push per queue.
+//!
+//! Writing before locking keeps the lock to two statements and the commit,
+//! so one pipeline writes while the other holds it; a refusal costs a delete,
+//! which is rare next to admissions.
 //!
 //! Each request still gets its own answer (202, 403, 422, 503). A batch that
 //! fails as a whole (a database error, a concurrent request with the same
 //! `Idempotency-Key` committing first) is retried one request per
-//! transaction, so one request's failure is never another's. Two requests
+//! transaction, so one request's failure is never another's; a single
+//! request that lost such a race is looked up again and answered with the
+//! winner's task. Two requests
 //! with the same `Idempotency-Key` in one batch are split: the later one waits
 //! for the next batch and finds the first one's task.
 
-use std::{collections::HashSet, panic::AssertUnwindSafe, sync::Weak};
+use std::{
+    collections::HashSet,
+    panic::AssertUnwindSafe,
+    sync::{Arc, Weak},
+};
 
 use axum::http::StatusCode;
 use futures::FutureExt;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use crate::{
@@ -45,6 +55,10 @@ use crate::{
 /// The most requests one transaction admits: a burst from many clients
 /// shares a commit, and the lock is still held for milliseconds only.
 const MAX_BATCH: usize = 128;
+
+/// Admission transactions one API process runs at once: while one holds the
+/// lock, the other writes its batch (see [`decide_and_write`]).
+const PIPELINES: usize = 2;
 
 /// Who asks: a caller already authenticated, or a key the batch checks
 /// with the others' keys (one query for the batch instead of one per
@@ -69,10 +83,14 @@ pub struct Admissions {
 }
 
 impl Admissions {
-    /// Start the admission task of `app`. It ends when the [`App`] is dropped.
+    /// Start the admission tasks of `app`. They end when the [`App`] is
+    /// dropped.
     pub fn start(app: Weak<App>) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(app, rx));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..PIPELINES {
+            tokio::spawn(run(app.clone(), rx.clone()));
+        }
         Admissions { queue }
     }
 
@@ -104,21 +122,31 @@ impl Admissions {
     }
 }
 
-async fn run(app: Weak<App>, mut rx: mpsc::UnboundedReceiver<Request>) {
+/// One admission pipeline: takes whatever is queued (waiting for the
+/// first request when nothing is) and admits it as one batch.
+async fn run(app: Weak<App>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
     let mut carried: Vec<Request> = Vec::new();
     let mut conn: Option<PgConnection> = None;
     loop {
         let mut batch = std::mem::take(&mut carried);
-        if batch.is_empty() {
+        // A pipeline with requests carried over must not wait for the queue:
+        // the other pipeline may hold it while waiting for a request.
+        let queue = if batch.is_empty() {
+            let mut rx = rx.lock().await;
             match rx.recv().await {
                 Some(r) => batch.push(r),
                 None => return,
             }
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+            Some(rx)
+        } else {
+            rx.try_lock().ok()
+        };
+        if let Some(mut rx) = queue {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
         }
         let Some(app) = app.upgrade() else { return };
@@ -158,14 +186,14 @@ fn split_repeated_keys(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
 /// (re)connecting when there is none; a connection that saw an error is
 /// dropped, in case the error was the connection's.
 async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Request>) {
-    let decided = async {
-        let db = match conn {
-            Some(db) => db,
-            None => conn.insert(orrery_workflows::config::connect_dedicated(&app.pool).await?),
-        };
-        decide_and_write(app, db, &batch).await
+    let mut decided = decide(app, conn, &batch).await;
+    if batch.len() == 1 && decided.as_ref().is_err_and(lost_idempotency_race) {
+        // Another transaction committed this request's `Idempotency-Key`
+        // while this one wrote (the insert waited for it); the request is
+        // now a repeat, which the lookup finds.
+        *conn = None;
+        decided = decide(app, conn, &batch).await;
     }
-    .await;
     let answers = match decided {
         Ok(answers) => answers,
         Err(err) => {
@@ -186,27 +214,57 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
         }
     };
     // Only newly recorded tasks carry runs to dispatch (a repeat has none).
-    submit::dispatch_all(app, answers.iter().flatten().flat_map(|s| &s.dispatch)).await;
+    let dispatch: Vec<(String, Uuid)> = answers
+        .iter()
+        .flatten()
+        .flat_map(|s| s.dispatch.iter().cloned())
+        .collect();
+    // Answered before the dispatch: the runs are committed, and one whose
+    // dispatch is lost (a crash right here, Redis down) is dispatched by the
+    // reconciler, as when a dispatch fails.
     for (r, answer) in batch.into_iter().zip(answers) {
         // The client may have gone; its cluster is committed all the same
         // and its Idempotency-Key finds it.
         let _ = r.reply.send(answer);
     }
+    submit::dispatch_all(app, &dispatch).await;
+}
+
+async fn decide(
+    app: &App,
+    conn: &mut Option<PgConnection>,
+    batch: &[Request],
+) -> ApiResult<Vec<ApiResult<Submitted>>> {
+    let db = match conn {
+        Some(db) => db,
+        None => conn.insert(orrery_workflows::config::connect_dedicated(&app.pool).await?),
+    };
+    decide_and_write(app, db, batch).await
+}
+
+fn lost_idempotency_race(err: &ApiError) -> bool {
+    err.internal
+        .as_ref()
+        .and_then(|e| e.downcast_ref::<sqlx::Error>())
+        .is_some_and(submit::is_idempotency_race)
 }
 
 /// One transaction for the whole batch: an answer per request.
+///
+/// Everything a request writes is written before the admission lock is
+/// taken, so the lock is held only to read the ledger, decide, withdraw the
+/// rows of refused requests (rare) and commit, while another pipeline writes
+/// its batch. The usage counters follow at commit (a deferred trigger), so
+/// the ledger read under the lock counts only committed clusters.
 async fn decide_and_write(
     app: &App,
     conn: &mut PgConnection,
     batch: &[Request],
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
-    let (callers, mut answers) = identify(app, conn, batch).await?;
     let mut tx = conn.begin().await?;
-    quotas::lock(&mut tx).await?;
+    let (callers, mut answers) = identify(app, &mut tx, batch).await?;
     repeats(&mut tx, batch, &callers, &mut answers).await?;
-    let users: Vec<Uuid> = callers.iter().flatten().map(|c| c.user_id).collect();
-    let mut ledger = Ledger::load(&mut tx, &app.config, &users).await?;
-    let mut admitted: Vec<Admitted<'_>> = Vec::new();
+    let mut written: Vec<Admitted<'_>> = Vec::new();
     for (index, ((r, caller), answer)) in batch
         .iter()
         .zip(&callers)
@@ -216,21 +274,6 @@ async fn decide_and_write(
         let (None, Some(caller)) = (&answer, caller) else {
             continue;
         };
-        let size = i64::from(r.spec.size);
-        let Some(standing) = ledger.standing(caller.user_id) else {
-            *answer = Some(Err(ApiError::unauthorized("this account no longer exists")));
-            continue;
-        };
-        if let Err(refusal) = quotas::admit(&standing, size) {
-            *answer = Some(Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "quota-exceeded",
-                refusal.message,
-            )
-            .with("can_request", refusal.can_request)
-            .with("reason", refusal.reason)));
-            continue;
-        }
         let cluster_id = Uuid::now_v7();
         let task = TaskSpec {
             kind: "create_cluster",
@@ -240,35 +283,80 @@ async fn decide_and_write(
             callback_url: r.spec.callback_url.as_deref(),
         };
         match submit::prepare(app, caller, task, r.idem.as_ref()) {
-            Ok(task) => {
-                ledger.spend(caller.user_id, size);
-                admitted.push(Admitted {
-                    index,
-                    request: r,
-                    caller,
-                    cluster_id,
-                    task,
-                });
-            }
+            Ok(task) => written.push(Admitted {
+                index,
+                request: r,
+                caller,
+                cluster_id,
+                task,
+            }),
             Err(e) => *answer = Some(Err(e)),
         }
     }
-    if !admitted.is_empty() {
-        write_clusters(&mut tx, &admitted).await?;
-        let tasks: Vec<&Prepared> = admitted.iter().map(|a| &a.task).collect();
-        submit::write(&mut tx, &tasks).await?;
+    if written.is_empty() {
+        tx.commit().await?;
+        return Ok(answered(answers));
+    }
+    write_clusters(&mut tx, &written).await?;
+    let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
+    submit::write(&mut tx, &tasks).await?;
+
+    quotas::lock(&mut tx).await?;
+    let users: Vec<Uuid> = written.iter().map(|a| a.caller.user_id).collect();
+    let mut ledger = Ledger::load(&mut tx, &app.config, &users).await?;
+    let mut refused: Vec<&Admitted<'_>> = Vec::new();
+    for a in &written {
+        let size = i64::from(a.request.spec.size);
+        let verdict = match ledger.standing(a.caller.user_id) {
+            None => Err(ApiError::unauthorized("this account no longer exists")),
+            Some(standing) => quotas::admit(&standing, size).map_err(|refusal| {
+                ApiError::new(StatusCode::FORBIDDEN, "quota-exceeded", refusal.message)
+                    .with("can_request", refusal.can_request)
+                    .with("reason", refusal.reason)
+            }),
+        };
+        match verdict {
+            Ok(()) => {
+                ledger.spend(a.caller.user_id, size);
+                answers[a.index] = Some(Ok(a.task.submitted()));
+            }
+            Err(e) => {
+                answers[a.index] = Some(Err(e));
+                refused.push(a);
+            }
+        }
+    }
+    if !refused.is_empty() {
+        withdraw(&mut tx, &refused).await?;
     }
     tx.commit().await?;
-    for a in &admitted {
-        answers[a.index] = Some(Ok(a.task.submitted()));
-    }
-    Ok(answers
-        .into_iter()
-        .map(|a| a.expect("every request of a committed batch is answered"))
-        .collect())
+    Ok(answered(answers))
 }
 
-/// An admitted request with the rows it writes.
+fn answered(answers: Vec<Option<ApiResult<Submitted>>>) -> Vec<ApiResult<Submitted>> {
+    answers
+        .into_iter()
+        .map(|a| a.expect("every request of a committed batch is answered"))
+        .collect()
+}
+
+/// Delete what refused requests wrote: their runs (with, by cascade, their
+/// history, task and callback rows) and their clusters (with their accounts).
+async fn withdraw(conn: &mut PgConnection, refused: &[&Admitted<'_>]) -> Result<(), sqlx::Error> {
+    let runs: Vec<Uuid> = refused.iter().flat_map(|a| a.task.run_ids()).collect();
+    let clusters: Vec<Uuid> = refused.iter().map(|a| a.cluster_id).collect();
+    sqlx::query("DELETE FROM runs WHERE id = ANY($1)")
+        .bind(&runs)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM clusters WHERE id = ANY($1)")
+        .bind(&clusters)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A request whose rows are written, admitted unless the ledger refuses it.
 struct Admitted<'a> {
     /// Its place in the batch.
     index: usize,

@@ -176,6 +176,12 @@ impl Prepared {
         self.run.id
     }
 
+    /// Every run [`write`] records for this task (the task's, the webhook
+    /// delivery's).
+    pub fn run_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        std::iter::once(self.run.id).chain(self.callback.as_ref().map(|c| c.delivery.id))
+    }
+
     /// The task as answered once [`write`] is committed.
     pub fn submitted(&self) -> Submitted {
         let mut dispatch = vec![(self.run.queue.clone(), self.run.id)];
