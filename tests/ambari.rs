@@ -859,3 +859,73 @@ async fn the_agent_script_registers_its_host_and_stopping_it_makes_the_host_lost
     .await;
     assert!(agent.log().contains("registered (200)"), "{}", agent.log());
 }
+
+/// Without bash (the loop under a plain POSIX sh) the agent speaks HTTP
+/// through curl; with bash (what `start` picks when there is one, as in the
+/// test above) through /dev/tcp. Both must register and heartbeat.
+#[tokio::test]
+async fn the_agent_loop_under_a_plain_sh_registers_through_curl() {
+    let sh_is_bash = std::process::Command::new("sh")
+        .args(["-c", "[ -n \"${BASH_VERSION:-}\" ]"])
+        .status()
+        .unwrap()
+        .success();
+    let has_curl = std::process::Command::new("sh")
+        .args(["-c", "command -v curl"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if sh_is_bash || !has_curl {
+        eprintln!(
+            "SKIPPED the_agent_loop_under_a_plain_sh_registers_through_curl: \
+             needs /bin/sh other than bash and curl (sh is bash: {sh_is_bash}, curl: {has_curl})"
+        );
+        return;
+    }
+    let (running, client) = start(SimConfig {
+        heartbeat_timeout: Duration::from_secs(2),
+        ..fast_config()
+    })
+    .await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("orrery-agent-sh-{}", &id[..10]));
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let host = format!("agent-sh-{}.orrery.test", &id[..8]);
+    let mut child = tokio::process::Command::new("sh")
+        .arg(repo_root().join("scripts/agent/ambari-agent"))
+        .args([
+            "__loop",
+            "127.0.0.1",
+            &running.agent_addr.port().to_string(),
+            "1",
+        ])
+        .env("AMBARI_AGENT_RUN_DIR", dir.join("run"))
+        .env("AMBARI_AGENT_HOSTNAME", &host)
+        // Its `sleep` outlives a killed loop by up to a second: keep it off
+        // the test's output.
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let first = eventually("agent registers", Duration::from_secs(15), || async {
+        client
+            .host(&host)
+            .await
+            .unwrap()
+            .filter(|h| h.host_status == Some(HostStatus::Healthy))
+            .and_then(|h| h.last_heartbeat_time)
+    })
+    .await;
+    // Heartbeats (every second) keep it healthy past the 2 s timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let h = client.host(&host).await.unwrap().unwrap();
+    assert_eq!(h.host_status, Some(HostStatus::Healthy));
+    assert!(
+        h.last_heartbeat_time.unwrap() > first,
+        "no heartbeat after registering"
+    );
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
