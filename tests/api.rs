@@ -684,6 +684,38 @@ async fn requests_over_quota_or_beyond_the_pool_are_refused_with_what_is_left() 
     assert_eq!(profile.body["quota"]["used"], 3);
     assert_eq!(profile.body["quota"]["can_request"], 0);
     assert_eq!(api.count("runs").await, 3);
+
+    // Admission writes a request's rows before deciding: a refusal, even
+    // with a callback and an Idempotency-Key, leaves none of them behind,
+    // and the key stays free.
+    const TABLES: [&str; 6] = [
+        "clusters",
+        "cluster_users",
+        "runs",
+        "run_history",
+        "tasks",
+        "callbacks",
+    ];
+    let mut counts = Vec::new();
+    for t in TABLES {
+        counts.push(api.count(t).await);
+    }
+    let hooked = json!({ "name": "w", "size": 1, "callback_url": "http://127.0.0.1:9/hook" });
+    for _ in 0..2 {
+        let r = api
+            .call(
+                Method::POST,
+                "/v1/clusters",
+                Some(&vera),
+                Some(hooked.clone()),
+                &[("idempotency-key", "refused-once")],
+            )
+            .await;
+        r.assert_problem(403, None);
+    }
+    for (t, before) in TABLES.iter().zip(&counts) {
+        assert_eq!(api.count(t).await, *before, "{t} after a refusal");
+    }
     api.assert_usage_counters_match().await;
 }
 

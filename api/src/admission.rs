@@ -340,15 +340,19 @@ fn answered(answers: Vec<Option<ApiResult<Submitted>>>) -> Vec<ApiResult<Submitt
         .collect()
 }
 
-/// Delete what refused requests wrote: their runs (with, by cascade, their
-/// history, task and callback rows) and their clusters (with their accounts).
+/// Delete what refused requests wrote: their runs with their history (no
+/// foreign key there, migrations/0005_hot_path_keys.sql) and, by cascade,
+/// their task and callback rows; then their clusters (with their accounts).
 async fn withdraw(conn: &mut PgConnection, refused: &[&Admitted<'_>]) -> Result<(), sqlx::Error> {
     let runs: Vec<Uuid> = refused.iter().flat_map(|a| a.task.run_ids()).collect();
     let clusters: Vec<Uuid> = refused.iter().map(|a| a.cluster_id).collect();
-    sqlx::query("DELETE FROM runs WHERE id = ANY($1)")
-        .bind(&runs)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "WITH history AS (DELETE FROM run_history WHERE run_id = ANY($1))
+         DELETE FROM runs WHERE id = ANY($1)",
+    )
+    .bind(&runs)
+    .execute(&mut *conn)
+    .await?;
     sqlx::query("DELETE FROM clusters WHERE id = ANY($1)")
         .bind(&clusters)
         .execute(&mut *conn)
