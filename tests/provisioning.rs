@@ -704,8 +704,8 @@ async fn the_inventory_reconciler_reclaims_forgotten_containers_and_flags_vanish
     let done = orrery_workflows::provisioning::upkeep::reconcile_inventory(&p, &rig.env.pool)
         .await
         .unwrap();
-    assert_eq!(done.reclaimed, [orphan.clone()]);
-    assert_eq!(done.broken, [gone.clone()]);
+    assert_eq!(done.reclaimed, std::slice::from_ref(&orphan));
+    assert_eq!(done.broken, std::slice::from_ref(&gone));
     assert!(rig.containers().is_empty(), "the orphan still exists");
     let state: String = sqlx::query_scalar("SELECT state FROM machines WHERE hostname = $1")
         .bind(&gone)

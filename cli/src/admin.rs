@@ -14,6 +14,9 @@ use clap::Subcommand;
 use orrery_api::accounts::{self, NewGroup, NewUser};
 use orrery_workflows::{config, EngineConfig};
 
+// The variants are the subcommands' names (`orrery admin create-user`, ...),
+// which users type and docs quote.
+#[allow(clippy::enum_variant_names)]
 #[derive(Subcommand)]
 pub enum AdminCommand {
     /// Create a user and print their first API key (shown once).
