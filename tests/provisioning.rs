@@ -261,8 +261,60 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
             out.stdout.contains("alice@laptop") && out.stdout.contains("sudo"),
             "{hostname}: {out:?}"
         );
+        // Owners and modes sshd and sudo insist on.
+        let modes = session
+            .run(
+                // (The home's mode is useradd's HOME_MODE, which Debian releases differ on.)
+                "stat -c '%n %U:%G' /home/alice && stat -c '%n %U:%G %a' /home/alice/.ssh /home/alice/.ssh/authorized_keys /etc/sudoers.d/orrery-alice",
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        let lines: Vec<&str> = modes.stdout.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "/home/alice alice:hadoop",
+                "/home/alice/.ssh alice:hadoop 700",
+                "/home/alice/.ssh/authorized_keys alice:hadoop 600",
+                "/etc/sudoers.d/orrery-alice root:root 440",
+            ],
+            "{hostname}"
+        );
         session.close().await;
     }
+    // The HDFS home, on the master only (the emulator has no HDFS: a
+    // stand-in folder), owned by the user.
+    let mut hdfs_homes = 0;
+    for (hostname, address, port, host_key) in &machines {
+        let session = ssh
+            .connect(
+                &SshTarget {
+                    host: hostname.clone(),
+                    address: address.clone(),
+                    port: *port as u16,
+                    host_key: host_key.clone(),
+                },
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        let out = session
+            .run(
+                "stat -c '%U:%G' /var/lib/orrery-hdfs/user/alice 2>/dev/null || true",
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        if !out.stdout.trim().is_empty() {
+            assert_eq!(out.stdout.trim(), "alice:hadoop", "{hostname}");
+            hdfs_homes += 1;
+        }
+        session.close().await;
+    }
+    assert_eq!(hdfs_homes, 1, "one HDFS home, on the master");
     let users: Vec<String> =
         sqlx::query_scalar("SELECT state FROM cluster_users WHERE cluster_id = $1")
             .bind(cluster)

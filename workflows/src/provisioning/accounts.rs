@@ -34,23 +34,25 @@ pub fn create_account(a: &Account) -> String {
     let sudoers = format!("/etc/sudoers.d/orrery-{}", a.username);
     let sudo = if a.sudoer {
         format!(
-            "mkdir -p /etc/sudoers.d && printf '%s ALL=(ALL) NOPASSWD:ALL\\n' {user} > {f}.tmp && chmod 440 {f}.tmp && mv -f {f}.tmp {f}",
+            "[ -d /etc/sudoers.d ] || mkdir -p /etc/sudoers.d; printf '%s ALL=(ALL) NOPASSWD:ALL\\n' {user} | install -m 0440 /dev/stdin {f}.tmp && mv -f {f}.tmp {f}",
             f = shell_quote(&sudoers)
         )
     } else {
-        format!("rm -f {}", shell_quote(&sudoers))
+        format!("[ ! -e {f} ] || rm -f {f}", f = shell_quote(&sudoers))
     };
+    // Every node of a cluster runs this at once, on the local provider on
+    // shared cores: `install` creates, owns and modes a file or folder in
+    // one process (the home itself is only touched when it is missing).
     format!(
         "set -e
 getent group hadoop >/dev/null || groupadd hadoop
-id -u {user} >/dev/null 2>&1 || useradd -m -s /bin/bash -g hadoop {user}
-usermod -s /bin/bash -g hadoop {user}
-home=$(getent passwd {user} | cut -d: -f6)
-mkdir -p \"$home/.ssh\"
-printf '%s\\n' {keys} > \"$home/.ssh/authorized_keys\"
-chown -R {user}:hadoop \"$home\"
-chmod 700 \"$home/.ssh\"
-chmod 600 \"$home/.ssh/authorized_keys\"
+if id -u {user} >/dev/null 2>&1; then usermod -s /bin/bash -g hadoop {user}; else useradd -m -s /bin/bash -g hadoop {user}; fi
+IFS=: read -r _ _ _ _ _ home _ <<ORRERY_PASSWD
+$(getent passwd {user})
+ORRERY_PASSWD
+[ -d \"$home\" ] || install -d -m 0755 -o {user} -g hadoop \"$home\"
+install -d -m 0700 -o {user} -g hadoop \"$home/.ssh\"
+printf '%s\\n' {keys} | install -m 0600 -o {user} -g hadoop /dev/stdin \"$home/.ssh/authorized_keys\"
 {sudo}
 ",
         keys = shell_quote(keys),
@@ -83,8 +85,7 @@ if command -v hdfs >/dev/null 2>&1; then
   sudo -u hdfs hdfs dfs -mkdir -p {dir}
   sudo -u hdfs hdfs dfs -chown {user}:hadoop {dir}
 else
-  mkdir -p /var/lib/orrery-hdfs{dir}
-  chown {user}:hadoop /var/lib/orrery-hdfs{dir}
+  install -d -o {user} -g hadoop /var/lib/orrery-hdfs{dir}
   echo 'no HDFS client on this host (Ambari emulator): recorded {dir} under /var/lib/orrery-hdfs' >&2
 fi
 "
@@ -126,7 +127,7 @@ mod tests {
             cmd.contains("'ssh-ed25519 AAAA alice@x'\\''; touch /pwned; echo '\\'''"),
             "{cmd}"
         );
-        assert!(cmd.contains("rm -f '/etc/sudoers.d/orrery-alice'"));
+        assert!(cmd.contains("rm -f '/etc/sudoers.d/orrery-alice'"), "{cmd}");
     }
 
     #[test]
@@ -138,7 +139,7 @@ mod tests {
             ssh_enabled: false,
         };
         let cmd = create_account(&a);
-        assert!(cmd.contains("printf '%s\\n' '' >"), "{cmd}");
+        assert!(cmd.contains("printf '%s\\n' '' | install -m 0600"), "{cmd}");
         assert!(cmd.contains("NOPASSWD:ALL"));
     }
 }
