@@ -38,6 +38,7 @@ use std::{
 
 use axum::http::StatusCode;
 use futures::FutureExt;
+use orrery_workflows::store;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -297,9 +298,7 @@ async fn decide_and_write(
         tx.commit().await?;
         return Ok(answered(answers));
     }
-    write_clusters(&mut tx, &written).await?;
-    let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
-    submit::write(&mut tx, &tasks).await?;
+    write_all(&mut tx, &written).await?;
 
     quotas::lock(&mut tx).await?;
     let users: Vec<Uuid> = written.iter().map(|a| a.caller.user_id).collect();
@@ -435,82 +434,107 @@ async fn repeats(
     Ok(())
 }
 
-/// The admitted clusters with their run, and an account on each for the
-/// owner (and, when shared, for every active member of the owner's group).
-async fn write_clusters(
-    conn: &mut PgConnection,
-    admitted: &[Admitted<'_>],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH c AS (
+/// Everything the written requests record, in one statement: their runs
+/// and task rows ([`submit`]'s CTEs) and their clusters with an account on
+/// each for the owner (and, when shared, for every active member of the
+/// owner's group). Foreign keys between them are checked at its end.
+async fn write_all(conn: &mut PgConnection, written: &[Admitted<'_>]) -> Result<(), sqlx::Error> {
+    let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
+    let runs = submit::runs_of(&tasks);
+    let clusters_first = 1 + store::RUNS_CTE_PARAMS + submit::TASKS_CTE_PARAMS;
+    let sql = format!(
+        "WITH {}, {}, {} SELECT 1",
+        store::runs_cte(1),
+        submit::tasks_cte(1 + store::RUNS_CTE_PARAMS),
+        clusters_cte(clusters_first)
+    );
+    let query = store::bind_runs(sqlx::query(&sql), &runs);
+    let query = submit::bind_tasks(query, &tasks);
+    bind_clusters(query, written).execute(conn).await?;
+    Ok(())
+}
+
+/// The CTEs inserting clusters and their accounts, parameters from `$first`.
+fn clusters_cte(first: usize) -> String {
+    let p: Vec<String> = (first..first + 9).map(|i| format!("${i}")).collect();
+    format!(
+        "new_clusters AS (
             INSERT INTO clusters (id, name, owner_id, group_id, size, services, shared,
                                   expires_at, state, run_id)
             SELECT id, name, owner, grp, size, ARRAY(SELECT jsonb_array_elements_text(svc)),
                    shared, now() + make_interval(secs => ttl), 'provisioning', run_id
-            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::int[], $6::jsonb[],
-                        $7::bool[], $8::float8[], $9::uuid[])
+            FROM unnest({}::uuid[], {}::text[], {}::uuid[], {}::uuid[], {}::int[], {}::jsonb[],
+                        {}::bool[], {}::float8[], {}::uuid[])
                  AS t(id, name, owner, grp, size, svc, shared, ttl, run_id)
             RETURNING id, owner_id, group_id, shared
          ),
          members AS (
-            SELECT c.id AS cluster_id, c.owner_id AS user_id, true AS sudoer FROM c
+            SELECT c.id AS cluster_id, c.owner_id AS user_id, true AS sudoer FROM new_clusters c
             UNION ALL
             SELECT c.id, u.id, false
-            FROM c JOIN users u ON c.shared AND u.group_id = c.group_id
+            FROM new_clusters c JOIN users u ON c.shared AND u.group_id = c.group_id
                                    AND u.id <> c.owner_id AND u.disabled_at IS NULL
-         )
-         INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
-         SELECT m.cluster_id, u.name, u.id,
-                (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
-                 FROM ssh_keys k WHERE k.user_id = u.id),
-                m.sudoer
-         FROM members m JOIN users u ON u.id = m.user_id",
+         ),
+         new_accounts AS (
+            INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
+            SELECT m.cluster_id, u.name, u.id,
+                   (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
+                    FROM ssh_keys k WHERE k.user_id = u.id),
+                   m.sudoer
+            FROM members m JOIN users u ON u.id = m.user_id
+         )",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
     )
-    .bind(admitted.iter().map(|a| a.cluster_id).collect::<Vec<_>>())
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.request.spec.name.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.caller.user_id)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.caller.group_id)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.request.spec.size)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| json!(a.request.spec.services))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.request.spec.shared)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admitted
-            .iter()
-            .map(|a| a.request.spec.ttl_seconds.map(|s| s as f64))
-            .collect::<Vec<_>>(),
-    )
-    .bind(admitted.iter().map(|a| a.task.run_id()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
+}
+
+/// Bind the parameters of [`clusters_cte`] for `admitted`, in order.
+fn bind_clusters<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    admitted: &'q [Admitted<'_>],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(admitted.iter().map(|a| a.cluster_id).collect::<Vec<_>>())
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.request.spec.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.caller.user_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.caller.group_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.request.spec.size)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| json!(a.request.spec.services))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.request.spec.shared)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.request.spec.ttl_seconds.map(|s| s as f64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(admitted.iter().map(|a| a.task.run_id()).collect::<Vec<_>>())
 }

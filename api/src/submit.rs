@@ -8,7 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use orrery_workflows::store::NewRun;
+use orrery_workflows::store::{self, NewRun};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -199,51 +199,94 @@ impl Prepared {
     }
 }
 
-/// Write the runs, task rows and webhook deliveries of `items`: two
-/// statements however many there are. Nothing is dispatched; see [`finish`]
+/// Write the runs, task rows and webhook deliveries of `items`: one
+/// statement however many there are. Nothing is dispatched; see [`finish`]
 /// and [`dispatch_all`].
 pub async fn write(conn: &mut PgConnection, items: &[&Prepared]) -> Result<(), sqlx::Error> {
-    let runs: Vec<&NewRun> = items
+    let runs = runs_of(items);
+    let sql = format!(
+        "WITH {}, {} SELECT 1",
+        store::runs_cte(1),
+        tasks_cte(1 + store::RUNS_CTE_PARAMS)
+    );
+    let query = store::bind_runs(sqlx::query(&sql), &runs);
+    bind_tasks(query, items).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Every run `items` record: each task's and each webhook delivery's.
+pub(crate) fn runs_of<'a>(items: &[&'a Prepared]) -> Vec<&'a NewRun> {
+    items
         .iter()
         .flat_map(|p| std::iter::once(&p.run).chain(p.callback.as_ref().map(|c| &c.delivery)))
+        .collect()
+}
+
+/// Parameters of [`tasks_cte`].
+pub(crate) const TASKS_CTE_PARAMS: usize = 11;
+
+/// The CTEs inserting the `tasks` and `callbacks` rows of a batch, their
+/// parameters numbered from `$first` (bound by [`bind_tasks`]); the runs
+/// they name are inserted by the same statement
+/// ([`store::runs_cte`]), whose foreign keys are checked at its end.
+pub(crate) fn tasks_cte(first: usize) -> String {
+    let p: Vec<String> = (first..first + TASKS_CTE_PARAMS)
+        .map(|i| format!("${i}"))
         .collect();
-    orrery_workflows::store::insert_runs(&mut *conn, &runs).await?;
+    format!(
+        "new_tasks AS (
+            INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
+            SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::bytea[])
+         ),
+         new_callbacks AS (
+            INSERT INTO callbacks (id, task_run_id, user_id, url, delivery_run_id)
+            SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::uuid[], {}::text[], {}::uuid[])
+         )",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+    )
+}
+
+/// Bind the parameters of [`tasks_cte`] for `items`, in order.
+pub(crate) fn bind_tasks<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    items: &[&'q Prepared],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let callbacks: Vec<(&Prepared, &Callback)> = items
         .iter()
         .filter_map(|p| p.callback.as_ref().map(|c| (*p, c)))
         .collect();
-    sqlx::query(
-        "WITH t AS (
-            INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::bytea[])
-         )
-         INSERT INTO callbacks (id, task_run_id, user_id, url, delivery_run_id)
-         SELECT * FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::text[], $11::uuid[])",
-    )
-    .bind(items.iter().map(|p| p.run.id).collect::<Vec<_>>())
-    .bind(items.iter().map(|p| p.user_id).collect::<Vec<_>>())
-    .bind(items.iter().map(|p| p.cluster_id).collect::<Vec<_>>())
-    .bind(items.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
-    .bind(
-        items
-            .iter()
-            .map(|p| p.idem.as_ref().map(|i| i.key.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        items
-            .iter()
-            .map(|p| p.idem.as_ref().map(|i| i.request_sha256.clone()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(callbacks.iter().map(|(_, c)| c.id).collect::<Vec<_>>())
-    .bind(callbacks.iter().map(|(p, _)| p.run.id).collect::<Vec<_>>())
-    .bind(callbacks.iter().map(|(p, _)| p.user_id).collect::<Vec<_>>())
-    .bind(callbacks.iter().map(|(_, c)| c.url.as_str()).collect::<Vec<_>>())
-    .bind(callbacks.iter().map(|(_, c)| c.delivery.id).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    query
+        .bind(items.iter().map(|p| p.run.id).collect::<Vec<_>>())
+        .bind(items.iter().map(|p| p.user_id).collect::<Vec<_>>())
+        .bind(items.iter().map(|p| p.cluster_id).collect::<Vec<_>>())
+        .bind(items.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
+        .bind(
+            items
+                .iter()
+                .map(|p| p.idem.as_ref().map(|i| i.key.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|p| p.idem.as_ref().map(|i| i.request_sha256.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(callbacks.iter().map(|(_, c)| c.id).collect::<Vec<_>>())
+        .bind(callbacks.iter().map(|(p, _)| p.run.id).collect::<Vec<_>>())
+        .bind(callbacks.iter().map(|(p, _)| p.user_id).collect::<Vec<_>>())
+        .bind(
+            callbacks
+                .iter()
+                .map(|(_, c)| c.url.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            callbacks
+                .iter()
+                .map(|(_, c)| c.delivery.id)
+                .collect::<Vec<_>>(),
+        )
 }
 
 /// Insert the run, its task row and, when asked, a webhook delivery run.

@@ -245,38 +245,64 @@ pub async fn insert_runs(conn: &mut PgConnection, runs: &[&NewRun]) -> Result<()
     if runs.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "WITH r AS (
+    let sql = format!("WITH {} SELECT 1", runs_cte(1));
+    bind_runs(sqlx::query(&sql), runs).execute(conn).await?;
+    Ok(())
+}
+
+/// Parameters of [`runs_cte`].
+pub const RUNS_CTE_PARAMS: usize = 7;
+
+/// The data-modifying CTEs `new_runs` and `new_runs_history` that insert
+/// queued runs with their `submitted` history event, their parameters
+/// numbered from `$first` ([`RUNS_CTE_PARAMS`] of them, bound by
+/// [`bind_runs`]): a caller puts them in its own statement to write runs and
+/// its own rows in one round trip (`new_runs` can be read: `id`,
+/// `created_by`).
+pub fn runs_cte(first: usize) -> String {
+    let p: Vec<String> = (first..first + RUNS_CTE_PARAMS)
+        .map(|i| format!("${i}"))
+        .collect();
+    format!(
+        "new_runs AS (
             INSERT INTO runs (id, workflow, workflow_version, input, state, queue, created_by,
                               dispatched_at, stuck_after)
             SELECT id, workflow, version, input, 'queued', queue, created_by,
                    now(), now() + make_interval(secs => stuck_secs)
-            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::text[],
-                        $7::float8[])
+            FROM unnest({}::uuid[], {}::text[], {}::int[], {}::jsonb[], {}::text[], {}::text[],
+                        {}::float8[])
                  AS t(id, workflow, version, input, queue, created_by, stuck_secs)
             RETURNING id, created_by
-         )
-         INSERT INTO run_history (run_id, event, detail)
-         SELECT id, 'submitted', jsonb_build_object('by', created_by) FROM r",
+         ),
+         new_runs_history AS (
+            INSERT INTO run_history (run_id, event, detail)
+            SELECT id, 'submitted', jsonb_build_object('by', created_by) FROM new_runs
+         )",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6]
     )
-    .bind(runs.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>())
-    .bind(runs.iter().map(|r| r.workflow_version).collect::<Vec<_>>())
-    .bind(runs.iter().map(|r| &r.input).collect::<Vec<_>>())
-    .bind(runs.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
-    .bind(
-        runs.iter()
-            .map(|r| r.created_by.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        runs.iter()
-            .map(|r| r.stuck_in.as_secs_f64())
-            .collect::<Vec<_>>(),
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+}
+
+/// Bind the parameters of [`runs_cte`] for `runs`, in order.
+pub fn bind_runs<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    runs: &[&'q NewRun],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(runs.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.workflow_version).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| &r.input).collect::<Vec<_>>())
+        .bind(runs.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
+        .bind(
+            runs.iter()
+                .map(|r| r.created_by.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            runs.iter()
+                .map(|r| r.stuck_in.as_secs_f64())
+                .collect::<Vec<_>>(),
+        )
 }
 
 /// Record a cancel request. A run no worker holds moves to `cancelling` at
