@@ -12,8 +12,8 @@
 //!
 //! the batch's API keys checked (one query: `/v1` cluster requests arrive
 //! with their key unchecked, see [`Requester`]) → idempotency lookups →
-//! clusters, accounts, runs and tasks written with three multi-row
-//! statements → lock → one [`quotas::Ledger`] read (usage counters, not sums
+//! clusters, accounts, runs, history and tasks written by one multi-row
+//! statement ([`write_all`]) → lock → one [`quotas::Ledger`] read (usage counters, not sums
 //! over clusters) → each request decided in order, in memory → the rows of
 //! refused requests deleted → commit → answers → one Redis push per queue.
 //!
