@@ -98,7 +98,8 @@ fi
 # The `local` provider runs each cluster node as a container with its own
 # sshd (openssh-server), network namespace and veth (iproute2), mount/UTS/PID
 # namespaces (util-linux: unshare, setsid, pivot_root; mount), and the agent
-# script heartbeats with curl. useradd/groupadd (passwd) and pkill (procps)
+# script heartbeats through bash's /dev/tcp (curl, installed above, when a
+# host has no bash). useradd/groupadd (passwd) and pkill (procps)
 # create and remove cluster users. Nothing is started here: sshd only runs
 # inside containers, and the bridge is made on demand.
 missing=()
