@@ -877,7 +877,11 @@ async fn the_agent_loop_under_a_plain_sh_registers_through_curl() {
         .status
         .success();
     if sh_is_bash || !has_curl {
-        eprintln!(
+        // Written to the real stderr: libtest would swallow `eprintln!` of a
+        // passing test.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED the_agent_loop_under_a_plain_sh_registers_through_curl: \
              needs /bin/sh other than bash and curl (sh is bash: {sh_is_bash}, curl: {has_curl})"
         );
