@@ -454,9 +454,13 @@ async fn write_all(conn: &mut PgConnection, written: &[Admitted<'_>]) -> Result<
     Ok(())
 }
 
-/// The CTEs inserting clusters and their accounts, parameters from `$first`.
+/// Parameters of [`clusters_cte`].
+const CLUSTERS_CTE_PARAMS: usize = 9;
+
+/// The CTEs inserting clusters and their accounts, parameters from `$first`
+/// ([`CLUSTERS_CTE_PARAMS`] of them, bound by [`bind_clusters`]).
 fn clusters_cte(first: usize) -> String {
-    let p: Vec<String> = (first..first + 9).map(|i| format!("${i}")).collect();
+    let p = store::placeholders(first, CLUSTERS_CTE_PARAMS);
     format!(
         "new_clusters AS (
             INSERT INTO clusters (id, name, owner_id, group_id, size, services, shared,

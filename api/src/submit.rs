@@ -230,9 +230,7 @@ pub(crate) const TASKS_CTE_PARAMS: usize = 11;
 /// they name are inserted by the same statement
 /// ([`store::runs_cte`]), whose foreign keys are checked at its end.
 pub(crate) fn tasks_cte(first: usize) -> String {
-    let p: Vec<String> = (first..first + TASKS_CTE_PARAMS)
-        .map(|i| format!("${i}"))
-        .collect();
+    let p = store::placeholders(first, TASKS_CTE_PARAMS);
     format!(
         "new_tasks AS (
             INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)

@@ -260,9 +260,7 @@ pub const RUNS_CTE_PARAMS: usize = 7;
 /// its own rows in one round trip (`new_runs` can be read: `id`,
 /// `created_by`).
 pub fn runs_cte(first: usize) -> String {
-    let p: Vec<String> = (first..first + RUNS_CTE_PARAMS)
-        .map(|i| format!("${i}"))
-        .collect();
+    let p = placeholders(first, RUNS_CTE_PARAMS);
     format!(
         "new_runs AS (
             INSERT INTO runs (id, workflow, workflow_version, input, state, queue, created_by,
@@ -280,6 +278,12 @@ pub fn runs_cte(first: usize) -> String {
          )",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6]
     )
+}
+
+/// `$first` up to `$(first + n - 1)`: the placeholders of a CTE fragment
+/// whose `n` parameters come after those of the fragments before it.
+pub fn placeholders(first: usize, n: usize) -> Vec<String> {
+    (first..first + n).map(|i| format!("${i}")).collect()
 }
 
 /// Bind the parameters of [`runs_cte`] for `runs`, in order.
