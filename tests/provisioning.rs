@@ -236,6 +236,7 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
     .unwrap();
     assert_eq!(machines.len(), 3);
     let ssh = SshClient::new(rig.key.clone());
+    let mut hdfs_homes = 0;
     for (hostname, address, port, host_key) in &machines {
         let target = SshTarget {
             host: hostname.clone(),
@@ -282,24 +283,8 @@ async fn a_three_node_cluster_goes_from_request_to_running_with_accounts_and_ter
             ],
             "{hostname}"
         );
-        session.close().await;
-    }
-    // The HDFS home, on the master only (the emulator has no HDFS: a
-    // stand-in folder), owned by the user.
-    let mut hdfs_homes = 0;
-    for (hostname, address, port, host_key) in &machines {
-        let session = ssh
-            .connect(
-                &SshTarget {
-                    host: hostname.clone(),
-                    address: address.clone(),
-                    port: *port as u16,
-                    host_key: host_key.clone(),
-                },
-                &CancellationToken::new(),
-            )
-            .await
-            .unwrap();
+        // The HDFS home, on the master only (the emulator has no HDFS: a
+        // stand-in folder), owned by the user.
         let out = session
             .run(
                 "stat -c '%U:%G' /var/lib/orrery-hdfs/user/alice 2>/dev/null || true",
