@@ -65,7 +65,11 @@ impl Api {
     }
 
     async fn with_config(name: &str, tweak: impl FnOnce(&mut ApiConfig)) -> Self {
-        let env = TestEnv::new(name).await;
+        Self::serve(TestEnv::new(name).await, tweak).await
+    }
+
+    /// The API in front of `env`'s database and Redis.
+    async fn serve(env: TestEnv, tweak: impl FnOnce(&mut ApiConfig)) -> Self {
         let mut config = ApiConfig {
             workflows: ClusterWorkflows::fake(),
             ..ApiConfig::default()
@@ -1610,6 +1614,111 @@ async fn one_idempotency_key_raced_through_two_api_processes_makes_one_cluster()
         "one cluster for the key, one for each request without"
     );
     api.assert_usage_counters_match().await;
+}
+
+/// PostgreSQL crashes under the API and comes back. While it is away every
+/// request is answered 503 with `Retry-After` and a problem+json body that
+/// says to retry (never a 500, never a hang) and /readyz says which server
+/// is unreachable; once it is back, the request retried with its
+/// Idempotency-Key is accepted, its task completes, and nothing was written
+/// twice. A private server, so nothing else is disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_answered_503_to_retry_and_the_api_recovers_by_itself() {
+    let Some((pg, env)) = support::PrivatePostgres::with_env(
+        "a_database_outage_is_answered_503_to_retry_and_the_api_recovers_by_itself",
+        "outage",
+    )
+    .await
+    else {
+        return;
+    };
+    let mut api = Api::serve(env, |_| {}).await;
+    let token = api.user("ann", None, false).await;
+    let (before, _) = api
+        .create(&token, json!({ "name": "before", "size": 1 }))
+        .await;
+    // The request the outage interrupts, sent again as a client would.
+    let post_again = || {
+        api.call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&token),
+            Some(json!({ "name": "during", "size": 1 })),
+            &[("idempotency-key", "outage-1")],
+        )
+    };
+
+    pg.crash();
+    let started = std::time::Instant::now();
+    let refused = post_again().await;
+    refused.assert_problem(503, None);
+    assert_eq!(refused.headers["retry-after"], "2");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        !refused.body.to_string().contains("5432"),
+        "nothing internal shown: {}",
+        refused.body
+    );
+    let poll = api.get(&format!("/v1/tasks/{before}"), &token).await;
+    poll.assert_problem(503, None);
+    let probed = std::time::Instant::now();
+    let ready = api.call(Method::GET, "/readyz", None, None, &[]).await;
+    assert!(
+        probed.elapsed() < Duration::from_secs(2),
+        "a readiness probe waited {:?}",
+        probed.elapsed()
+    );
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
+    assert_eq!(
+        ready.body["checks"]["postgres"], "unreachable",
+        "{}",
+        ready.body
+    );
+    assert_eq!(ready.body["checks"]["redis"], "ok", "{}", ready.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answers came in {:?}",
+        started.elapsed()
+    );
+
+    pg.restart().await;
+    // A pooled connection cut by the crash fails the one request that gets
+    // it (also 503); the client retries, as the answer says.
+    let deadline = tokio::time::Instant::now() + T;
+    let task = loop {
+        let r = post_again().await;
+        if r.status == StatusCode::ACCEPTED {
+            break uuid(&r.body["id"]);
+        }
+        r.assert_problem(503, None);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never accepted after the restart: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let again = post_again().await;
+    assert_eq!(uuid(&again.body["id"]), task, "{}", again.body);
+    api.provision_worker();
+    api.wait_task(&token, before, "succeeded").await;
+    api.wait_task(&token, task, "succeeded").await;
+    assert_eq!(api.count("clusters").await, 2);
+    assert_eq!(api.count("tasks").await, 2);
+    let ready = api.call(Method::GET, "/readyz", None, None, &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::{collections::HashSet, time::Duration};
 use orrery_workflows::{
     cron, reconciler,
     store::{self, NewRun, ReplayRequest},
+    writer::{write_batch, Checkpoint, CheckpointKind, DispatchMark, RunUpdate},
     EngineError, RunState,
 };
 use serde_json::json;
@@ -87,6 +88,158 @@ async fn a_worker_killed_mid_step_is_finished_by_another_from_the_last_checkpoin
         .all(|e| &e.worker != killed_worker));
 }
 
+/// PostgreSQL crashes (`pg_ctl stop -m immediate`: every connection cut, no
+/// shutdown checkpoint, WAL recovery on restart) twice while 24 runs are in
+/// flight on two worker processes and the scheduler. Every run still
+/// succeeds, and no step ran twice: a step that finished while the database
+/// was away keeps its run (the outage is shorter than the lease) and has its
+/// checkpoint sent again until it is back, and a checkpoint whose commit
+/// happened but whose answer the crash cut is recognised when sent again.
+/// A private server, so the machine's own PostgreSQL and the other tests are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_crash_and_restart_mid_flight_loses_no_run() {
+    let Some((pg, mut env)) = support::PrivatePostgres::with_env(
+        "a_postgresql_crash_and_restart_mid_flight_loses_no_run",
+        "pg_crash",
+    )
+    .await
+    else {
+        return;
+    };
+    let lease = outage_lease();
+    env.spawn_worker_env(&["--queues", "alpha"], &lease);
+    env.spawn_worker_env(&["--queues", "alpha"], &lease);
+    env.spawn_worker_env(&["--scheduler"], &lease);
+    let mut ids = Vec::new();
+    for _ in 0..24 {
+        ids.push(
+            env.submit(
+                "test.chain",
+                json!({ "effects": env.effects_path(), "sleep_ms": 150 }),
+            )
+            .await,
+        );
+    }
+    // Fan-outs too: an item that finishes while the database is away has
+    // its item checkpoint written once it is back, and does not run again.
+    let mut fanouts = Vec::new();
+    for _ in 0..4 {
+        fanouts.push(
+            env.submit(
+                "test.fanout",
+                json!({ "effects": env.effects_path(), "items": 8, "sleep_ms": 150 }),
+            )
+            .await,
+        );
+    }
+    for round in 0..2 {
+        let before = env.effects().len();
+        env.wait_until("more steps to start", T, || async {
+            env.effects().len() >= before + 8
+        })
+        .await;
+        pg.crash_and_restart(Duration::from_millis(300 + 400 * round))
+            .await;
+    }
+    for id in &ids {
+        let run = env.wait_state(*id, DONE, Duration::from_secs(90)).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    }
+    let finished: Vec<(Uuid, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT run_id, step, finished_at FROM step_checkpoints WHERE run_id = ANY($1) AND output IS NOT NULL",
+    )
+    .bind(&ids)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        finished.len(),
+        ids.len() * 4,
+        "every step of every run checkpointed once"
+    );
+    for (run, step, at) in &finished {
+        let runs_of_step: Vec<u128> = env
+            .effects_of(*run)
+            .iter()
+            .filter(|e| &e.what == step)
+            .map(|e| e.at_ms)
+            .collect();
+        let committed = at.timestamp_millis() as u128;
+        assert!(
+            runs_of_step.len() == 1 && runs_of_step[0] <= committed,
+            "{run}: step {step} must have run once, before its checkpoint committed at {committed}: {runs_of_step:?}"
+        );
+    }
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_history WHERE run_id = ANY($1) AND event = 'step_succeeded'",
+    )
+    .bind(&ids)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events as usize,
+        ids.len() * 4,
+        "one history event per step, none written twice"
+    );
+    for id in &fanouts {
+        let run = env.wait_state(*id, DONE, Duration::from_secs(90)).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+        for i in 0..8 {
+            let key = format!("h{i:02}");
+            assert_eq!(env.count(*id, &key), 1, "{id}: item {key} ran once");
+        }
+    }
+}
+
+/// Worker settings for the outage tests: leases longer than an outage (a
+/// crash, a pause, recovery: 1-2 s), so the runs stay with their workers.
+fn outage_lease() -> [(String, String); 1] {
+    [("ORRERY_LEASE_MS".to_string(), "8000".to_string())]
+}
+
+/// Dispatches that reach a worker while PostgreSQL is down are claimed once
+/// it is back, by that worker, with no reconciler running: the claim is
+/// asked again while the database is unreachable instead of dropping the
+/// dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatches_arriving_while_postgresql_is_down_run_once_it_is_back() {
+    let Some((pg, mut env)) = support::PrivatePostgres::with_env(
+        "dispatches_arriving_while_postgresql_is_down_run_once_it_is_back",
+        "pg_claims",
+    )
+    .await
+    else {
+        return;
+    };
+    let lease = outage_lease();
+    let worker = env.spawn_worker_env(&["--queues", "alpha"], &lease);
+    // Warm: the worker is up and consuming.
+    let first = env
+        .submit("test.chain", json!({ "effects": env.effects_path() }))
+        .await;
+    env.wait_state(first, DONE, T).await;
+    env.workers[worker].signal("STOP");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            env.submit("test.chain", json!({ "effects": env.effects_path() }))
+                .await,
+        );
+    }
+    pg.crash();
+    // The worker now fetches the dispatches and cannot claim them.
+    env.workers[worker].signal("CONT");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pg.restart().await;
+    for id in &ids {
+        let run = env.wait_state(*id, DONE, Duration::from_secs(20)).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+        assert_eq!(env.count(*id, "one"), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_current_step_hands_the_run_back_and_exits() {
     let mut env = TestEnv::new("sigterm").await;
@@ -156,6 +309,149 @@ async fn the_same_dispatch_delivered_twice_runs_each_step_once() {
     );
 }
 
+/// Claims that arrive together share statements (`store::Claimer`), yet
+/// each asker gets its own answer: every queued run goes to exactly one
+/// asker (a run asked for twice: to one of the two, whether both asks share
+/// a statement or not), an unknown run to nobody, and a run already leased
+/// is refused to a second claimer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_arriving_together_each_get_their_own_answer() {
+    let env = TestEnv::new("claim_batch").await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        // Queue `alpha` has no consumer here: the runs wait for these claims.
+        ids.push(
+            env.submit("test.chain", json!({ "effects": env.effects_path() }))
+                .await,
+        );
+    }
+    let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
+    let claimer = store::Claimer::spawn(env.pool.clone(), "claimer-a", lease, stuck);
+    let unknown = Uuid::new_v4();
+    let mut asks = ids.clone();
+    asks.extend([ids[0], unknown, ids[5]]);
+    let answers = futures::future::join_all(asks.iter().map(|id| claimer.claim(*id))).await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    // Asks for one run may land in different statements (the claimer runs
+    // several at once): whichever commits first wins, the other gets None.
+    for id in ids.iter().chain([&unknown]) {
+        let won: Vec<_> = asks
+            .iter()
+            .zip(&answers)
+            .filter(|(ask, _)| *ask == id)
+            .filter_map(|(_, answer)| answer.as_ref())
+            .collect();
+        let expected = usize::from(*id != unknown);
+        assert_eq!(
+            won.len(),
+            expected,
+            "run {id}: claimed by {} askers",
+            won.len()
+        );
+        for run in won {
+            assert_eq!(run.id, *id);
+            assert_eq!(
+                (run.state, run.prev_state, run.fence),
+                (RunState::Running, RunState::Queued, 1)
+            );
+        }
+    }
+    let owners: Vec<(Option<String>, i64)> =
+        sqlx::query_as("SELECT lease_owner, fence FROM runs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(owners.len(), ids.len());
+    assert!(
+        owners.iter().all(|o| o == &(Some("claimer-a".into()), 1)),
+        "{owners:?}"
+    );
+    // A second worker's claimer: the leases are live, so nothing is taken over.
+    let other = store::Claimer::spawn(env.pool.clone(), "claimer-b", lease, stuck);
+    assert!(other.claim(ids[3]).await.unwrap().is_none());
+    assert_eq!(
+        env.run(ids[3]).await.fence,
+        1,
+        "a refused claim bumps no fence"
+    );
+}
+
+/// A checkpoint sent again because its first answer was lost (the database
+/// cut the connection after the commit) is answered "applied" and written
+/// once: one checkpoint attempt, one history event. Sent again after another
+/// worker claimed the run, it is refused like any write of a lost lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
+    let env = TestEnv::new("resend").await;
+    let id = env
+        .submit("test.chain", json!({ "effects": env.effects_path() }))
+        .await;
+    let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
+    let mine = store::Claimer::spawn(env.pool.clone(), "resender", lease, stuck);
+    let run = mine.claim(id).await.unwrap().expect("claimable");
+    let update = RunUpdate {
+        write_id: Uuid::now_v7(),
+        resent: false,
+        run_id: id,
+        fence: run.fence,
+        owner: "resender".into(),
+        state: RunState::Running,
+        cursor: 1,
+        attempt: 0,
+        queue: "alpha".into(),
+        compensate_cursor: None,
+        wake_in: None,
+        release: false,
+        dispatch: DispatchMark::Keep,
+        error: None,
+        output: None,
+        stuck_in: Some(stuck),
+        checkpoint: Some(Checkpoint {
+            index: 0,
+            step: "one".into(),
+            kind: CheckpointKind::Done(json!({ "step": "one" })),
+            started_at: chrono::Utc::now(),
+        }),
+        event: Some(("step_succeeded".into(), None)),
+    };
+    let mut conn = env.pool.acquire().await.unwrap();
+    assert_eq!(write_batch(&mut *conn, &[&update]).await.unwrap(), [id]);
+    let again = RunUpdate {
+        resent: true,
+        ..update.clone()
+    };
+    assert_eq!(
+        write_batch(&mut *conn, &[&again]).await.unwrap(),
+        [id],
+        "the second send of a committed write is answered applied"
+    );
+    let (attempts, events): (i32, i64) = sqlx::query_as(
+        "SELECT (SELECT attempts FROM step_checkpoints WHERE run_id = $1 AND step_index = 0),
+                (SELECT count(*) FROM run_history WHERE run_id = $1 AND event = 'step_succeeded')",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, events), (1, 1), "written once");
+    // Another worker takes the run over (lease expired): the old write, sent
+    // once more, is refused.
+    sqlx::query("UPDATE runs SET lease_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let theirs = store::Claimer::spawn(env.pool.clone(), "taker", lease, stuck);
+    let taken = theirs
+        .claim(id)
+        .await
+        .unwrap()
+        .expect("expired lease is claimable");
+    assert_eq!(taken.cursor, 1, "the taker resumes after the checkpoint");
+    assert!(write_batch(&mut *conn, &[&again]).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
     let mut env = TestEnv::new("paused").await;
@@ -211,13 +507,22 @@ async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
 async fn flushall_with_100_runs_in_flight_loses_none() {
     let redis = PrivateRedis::start().await;
     let mut env = TestEnv::with_redis("flushall", &redis.url).await;
+    let ids = two_queue_load(&mut env, 100, 150).await;
+    redis.flushall().await;
+    assert_in_flight_then_all_succeed(&env, &ids, &[], "the flush").await;
+}
+
+/// Two workers on queues `alpha,beta` and a scheduler, `runs` runs of
+/// `test.two_queues` whose steps take `sleep_ms`; returns once at least ten
+/// steps are checkpointed (runs are under way, many still in flight).
+async fn two_queue_load(env: &mut TestEnv, runs: usize, sleep_ms: u64) -> Vec<Uuid> {
     env.spawn_worker(&["--queues", "alpha,beta"]);
     env.spawn_worker(&["--queues", "alpha,beta"]);
     env.spawn_worker(&["--scheduler"]);
     let mut ids = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..runs {
         ids.push(
-            env.submit("test.two_queues", json!({ "sleep_ms": 150 }))
+            env.submit("test.two_queues", json!({ "sleep_ms": sleep_ms }))
                 .await,
         );
     }
@@ -229,17 +534,51 @@ async fn flushall_with_100_runs_in_flight_loses_none() {
         busy >= 10
     })
     .await;
-    redis.flushall().await;
-    let unfinished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM runs WHERE state NOT IN ('succeeded')")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert!(unfinished > 0, "the flush must hit runs in flight");
-    for id in &ids {
+    ids
+}
+
+/// Some of `ids` was still unfinished right after `what` happened, and
+/// every one of `ids` and `more` then succeeds.
+async fn assert_in_flight_then_all_succeed(env: &TestEnv, ids: &[Uuid], more: &[Uuid], what: &str) {
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE id = ANY($1) AND state NOT IN ('succeeded')",
+    )
+    .bind(ids)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(unfinished > 0, "{what} must hit runs in flight");
+    for id in ids.iter().chain(more) {
         let run = env.wait_state(*id, DONE, Duration::from_secs(90)).await;
         assert_eq!(run.state, RunState::Succeeded, "{run:?}");
     }
+}
+
+/// Redis is killed (SIGKILL, nothing kept) while 40 runs hand over between
+/// two queues, stays down while more runs are submitted (their dispatch
+/// fails; they are committed all the same), and an empty Redis comes back on
+/// the same port: the consumers reconnect by themselves, the reconciler
+/// re-dispatches what was lost, and every run succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_flight_loses_no_run() {
+    let mut redis = PrivateRedis::start().await;
+    let mut env = TestEnv::with_redis("redis_kill", &redis.url).await;
+    let ids = two_queue_load(&mut env, 40, 100).await;
+    let outage = redis.kill_and_restart(Duration::from_millis(1500));
+    let submit_during = async {
+        // Submitted while Redis is down (from just after the kill).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut late = Vec::new();
+        for _ in 0..5 {
+            late.push(
+                env.submit("test.two_queues", json!({ "sleep_ms": 100 }))
+                    .await,
+            );
+        }
+        late
+    };
+    let ((), late) = tokio::join!(outage, submit_during);
+    assert_in_flight_then_all_succeed(&env, &ids, &late, "the outage").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,6 +924,65 @@ async fn a_waiting_step_parks_the_run_without_holding_a_worker_and_keeps_history
         .filter(|h| h.event == "step_waiting")
         .count();
     assert_eq!(waits, 1, "polls do not grow history");
+}
+
+/// A worker pointed at a server that is not there stops at once, naming
+/// the variable, the address and the real cause, and what to do about it
+/// (not a pool timeout ten seconds later).
+#[test]
+fn a_worker_pointed_at_no_server_says_which_variable_and_why() {
+    let closed = support::free_port();
+    // Each URL carries a password: it must never be shown.
+    for (var, url, shown, default_var, default_url) in [
+        (
+            "ORRERY_DATABASE_URL",
+            format!("postgres://postgres:s3cret@127.0.0.1:{closed}/orrery"),
+            format!("postgres://postgres:***@127.0.0.1:{closed}/orrery"),
+            "ORRERY_REDIS_URL",
+            support::default_redis_url(),
+        ),
+        (
+            "ORRERY_REDIS_URL",
+            format!("redis://:s3cret@127.0.0.1:{closed}"),
+            format!("redis://:***@127.0.0.1:{closed}"),
+            "ORRERY_DATABASE_URL",
+            format!("{}/postgres", {
+                let admin = support::admin_url();
+                admin[..admin.rfind('/').unwrap()].to_owned()
+            }),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orrery-worker"))
+            .args(["--queues", "alpha"])
+            .env(var, &url)
+            .env(default_var, &default_url)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{var}: took {:?}",
+            started.elapsed()
+        );
+        for needle in [
+            var,
+            shown.as_str(),
+            "Connection refused",
+            "scripts/setup.sh",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{var}: `{needle}` not in: {stderr}"
+            );
+        }
+        assert!(
+            !stderr.contains("s3cret"),
+            "{var}: password shown: {stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

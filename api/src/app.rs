@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use orrery_workflows::{
-    config::{var, ConfigError},
+    config::{cannot_connect, var, ConfigError},
     dispatch::RedisDispatcher,
     Engine, EngineConfig, Services,
 };
@@ -58,13 +58,19 @@ impl App {
     ) -> anyhow::Result<Arc<Self>> {
         let pool = orrery_workflows::config::connect_db(&engine_cfg)
             .await
-            .context("cannot connect to PostgreSQL (ORRERY_DATABASE_URL)")?;
-        let redis = redis::Client::open(engine_cfg.redis_url.as_str())
-            .context("ORRERY_REDIS_URL is not a Redis URL")?
-            .get_connection_manager()
-            .await
-            .context("cannot connect to Redis (ORRERY_REDIS_URL)")?;
-        Self::from_parts(pool, redis, engine_cfg, config, shutdown).await
+            .with_context(|| {
+                cannot_connect(
+                    "PostgreSQL",
+                    "ORRERY_DATABASE_URL",
+                    &engine_cfg.database_url,
+                )
+            })?;
+        // The dispatcher's connection serves the API's own Redis reads too.
+        let dispatcher = dispatcher(&engine_cfg).await?;
+        let redis = dispatcher.connection();
+        Ok(Self::assemble(
+            pool, redis, dispatcher, engine_cfg, config, shutdown,
+        ))
     }
 
     /// Like [`App::connect`], reusing a pool and a Redis connection the
@@ -76,11 +82,20 @@ impl App {
         config: ApiConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let dispatcher = Arc::new(
-            RedisDispatcher::connect(&engine_cfg.redis_url, &engine_cfg.namespace)
-                .await
-                .context("cannot connect to Redis (ORRERY_REDIS_URL)")?,
-        );
+        let dispatcher = dispatcher(&engine_cfg).await?;
+        Ok(Self::assemble(
+            pool, redis, dispatcher, engine_cfg, config, shutdown,
+        ))
+    }
+
+    fn assemble(
+        pool: PgPool,
+        redis: redis::aio::ConnectionManager,
+        dispatcher: Arc<RedisDispatcher>,
+        engine_cfg: EngineConfig,
+        config: ApiConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let registry = orrery_workflows::registry(engine_cfg.test_workflows);
         let engine = Engine::new(
             pool,
@@ -91,8 +106,15 @@ impl App {
             shutdown,
         );
         config.check(&engine);
-        Ok(App::new(engine, redis, config))
+        App::new(engine, redis, config)
     }
+}
+
+async fn dispatcher(engine_cfg: &EngineConfig) -> anyhow::Result<Arc<RedisDispatcher>> {
+    let dispatcher = RedisDispatcher::connect(&engine_cfg.redis_url, &engine_cfg.namespace)
+        .await
+        .with_context(|| cannot_connect("Redis", "ORRERY_REDIS_URL", &engine_cfg.redis_url))?;
+    Ok(Arc::new(dispatcher))
 }
 
 /// Where cluster requests get machines from (`ORRERY_PROVIDER`).

@@ -2,9 +2,11 @@
 //! (RFC 9457): a status, a short title, a `detail` that says what to fix and,
 //! when a request field is at fault, the `field` naming it.
 //!
-//! Internal failures (database, Redis) become a bare 500 whose detail names
-//! nothing internal; the cause is logged with the request's error id so an
-//! operator can find it.
+//! Internal failures become a bare 500 whose detail names nothing internal;
+//! the cause is logged so an operator can find it. A database that cannot be
+//! reached (refused or cut connections, a pool that found none in time, a
+//! server shutting down or starting up) is not a bug but an outage: 503 with
+//! `Retry-After`, so clients and load balancers retry instead of giving up.
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
@@ -27,6 +29,8 @@ pub struct ApiError {
     pub extra: Map<String, Value>,
     /// Logged, never shown.
     pub internal: Option<anyhow::Error>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -38,6 +42,7 @@ impl ApiError {
             field: None,
             extra: Map::new(),
             internal: None,
+            retry_after: None,
         }
     }
 
@@ -76,6 +81,19 @@ impl ApiError {
             "the server failed to handle this request; it has been logged, try again later",
         );
         e.internal = Some(err.into());
+        e
+    }
+
+    /// 503: the database is unreachable for now; the request may be retried.
+    pub fn unavailable(err: impl Into<anyhow::Error>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the service cannot reach its database right now; retry in a few seconds \
+             (a request that creates something: with the same Idempotency-Key, so it is not created twice)",
+        );
+        e.internal = Some(err.into());
+        e.retry_after = Some(2);
         e
     }
 
@@ -120,6 +138,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -132,7 +154,11 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        ApiError::internal(err)
+        if orrery_workflows::error::database_unreachable(&err) {
+            ApiError::unavailable(err)
+        } else {
+            ApiError::internal(err)
+        }
     }
 }
 
@@ -156,6 +182,8 @@ impl From<EngineError> for ApiError {
                 "input",
                 format!("the input does not fit the workflow: {message}"),
             ),
+            EngineError::Database(err) => err.into(),
+            EngineError::Unavailable(msg) => ApiError::unavailable(anyhow::anyhow!(msg)),
             other => ApiError::internal(other),
         }
     }
@@ -171,6 +199,29 @@ mod tests {
         let body = e.problem().to_string();
         assert!(!body.contains("password"), "{body}");
         assert_eq!(e.problem()["status"], 500);
+    }
+
+    #[test]
+    fn an_unreachable_database_is_a_503_to_retry_and_shows_nothing_of_its_cause() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "10.1.2.3:5432 refused",
+        );
+        for err in [sqlx::Error::Io(refused), sqlx::Error::PoolTimedOut] {
+            let e = ApiError::from(err);
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(e.retry_after, Some(2));
+            let body = e.problem().to_string();
+            assert!(
+                !body.contains("10.1.2.3") && body.contains("retry"),
+                "{body}"
+            );
+            let res = e.into_response();
+            assert_eq!(res.headers()[header::RETRY_AFTER], "2");
+        }
+        let bug = ApiError::from(sqlx::Error::RowNotFound);
+        assert_eq!(bug.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(bug.retry_after, None);
     }
 
     #[test]

@@ -196,17 +196,25 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: PostgreSQL and Redis both answer; 503 names the one that does not.
+/// How long readiness waits for each server: a probe must get its answer
+/// before its own timeout (orchestrators default to a second or a few), not
+/// after the pool's connection timeout.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// Readiness: PostgreSQL and Redis both answer, each within
+/// [`READY_WITHIN`] (checked at once); 503 names the one that does not.
 async fn readyz(State(AppState(app)): State<AppState>) -> impl IntoResponse {
-    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&app.pool)
-        .await
-        .is_ok();
-    let mut conn = app.redis.clone();
-    let redis_ok = redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .is_ok();
+    let db = async {
+        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&app.pool);
+        matches!(tokio::time::timeout(READY_WITHIN, ping).await, Ok(Ok(_)))
+    };
+    let redis = async {
+        let mut conn = app.redis.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(tokio::time::timeout(READY_WITHIN, ping).await, Ok(Ok(_)))
+    };
+    let (db, redis_ok) = tokio::join!(db, redis);
     let body = json!({
         "status": if db && redis_ok { "ready" } else { "unavailable" },
         "checks": { "postgres": if db { "ok" } else { "unreachable" }, "redis": if redis_ok { "ok" } else { "unreachable" } },

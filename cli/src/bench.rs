@@ -12,7 +12,13 @@
 //! 1. **Baseline**: autocommit `INSERT INTO bench_raw (id uuid PK, payload jsonb)`
 //!    from 1, 4 and `--concurrency` connections (each its own connection, no
 //!    pool): one round-trip and one commit per row, the ceiling any engine
-//!    write path on this PostgreSQL is held to.
+//!    write path on this PostgreSQL is held to. Then the **statement
+//!    ceiling** (`bench_ceiling.rs`): the checkpoint writer's statement sent
+//!    straight from this program at the shapes of phases 4 and 5 (1
+//!    connection × `--concurrency` steps per statement, `--workers`
+//!    connections × `--concurrency / --workers`), with no engine: what
+//!    PostgreSQL alone allows for that statement, so the engine's own share
+//!    of the gap to the baseline shows.
 //! 2. **Submission cost**: `--runs` runs of `bench.noop10` submitted with no
 //!    worker running; the database's commit counter (`pg_stat_database.xact_commit`)
 //!    before and after gives the commits one `Engine::submit` costs.
@@ -61,6 +67,7 @@
 //!
 //! Keep the machine otherwise idle for meaningful figures.
 
+mod bench_ceiling;
 mod bench_common;
 
 use bench_common::{
@@ -260,6 +267,21 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         baseline.push((c, rate));
     }
 
+    // 1b. The checkpoint statement alone, at the shapes of the two
+    // throughput phases.
+    let per = (args.concurrency / args.workers).max(1);
+    let mut ceilings = Vec::new();
+    for (conns, per_stmt) in [(1, args.concurrency), (args.workers, per)] {
+        let statements = (args.runs * 10 / (conns * per_stmt)).max(10);
+        let (rate, cpu_us) =
+            bench_ceiling::checkpoint_ceiling(&ctx.db_url, conns, per_stmt, statements).await?;
+        println!(
+            "[ceiling]  {conns} connection(s) x {per_stmt} steps per checkpoint statement, no engine: {rate:>6.0} steps/s over {} steps; PostgreSQL backends used {cpu_us:.0} µs CPU per step",
+            conns * per_stmt * statements
+        );
+        ceilings.push(rate);
+    }
+
     // 2. and 3. Submission cost, then wire counts: a worker through the
     // counting proxy drains the submitted runs, at full and at 1 run in flight.
     let wire = wire_phase(ctx, "wire", args.runs, args.concurrency, conn_overhead).await?;
@@ -276,7 +298,6 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         conn_overhead,
     )
     .await?;
-    let per = (args.concurrency / args.workers).max(1);
     let many = throughput_phase(
         ctx,
         "tp4",
@@ -352,14 +373,25 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         (format!("1 worker x {c}"), &one),
         (format!("{} workers x {per}", args.workers), &many),
     ];
-    for (label, tp) in &tps {
+    for ((label, _), ceiling) in tps.iter().zip(&ceilings) {
+        row(
+            "ceiling",
+            &format!("checkpoint statement alone ({label} shape)"),
+            format!(
+                "{ceiling:.0} steps/s  ({:.0}% of c={c} baseline; no engine, no claims, no worker CPU)",
+                100.0 * ceiling / base_eq
+            ),
+        );
+    }
+    for ((label, tp), ceiling) in tps.iter().zip(&ceilings) {
         row(
             "engine",
             &format!("no-op steps/s ({label}, {c} runs in flight)"),
             format!(
-                "{:.0}  ({:.0}% of c={c} baseline)",
+                "{:.0}  ({:.0}% of c={c} baseline, {:.0}% of its statement ceiling)",
                 tp.steps_per_sec,
-                100.0 * tp.steps_per_sec / base_eq
+                100.0 * tp.steps_per_sec / base_eq,
+                100.0 * tp.steps_per_sec / ceiling
             ),
         );
     }
@@ -631,31 +663,48 @@ impl Poller {
     ) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
+            // Unfinished and failed runs only, each through an index
+            // (`runs_unfinished`, `runs_state`): this query shares the cores
+            // with the phase it waits for, and a scan of every run of the
+            // benchmark every few milliseconds cost PostgreSQL CPU that the
+            // per-step figures counted as the engine's.
             let row = self
                 .row(&format!(
-                    "SELECT count(*) FILTER (WHERE state = 'succeeded'),
-                            count(*) FILTER (WHERE state IN ('failed', 'cancelled'))
-                     FROM runs WHERE created_by = '{tag}'"
+                    "SELECT (SELECT count(*) FROM runs WHERE created_by = '{tag}'
+                               AND state NOT IN ('succeeded', 'failed', 'cancelled')),
+                            (SELECT count(*) FROM runs WHERE created_by = '{tag}'
+                               AND state IN ('failed', 'cancelled'))"
                 ))
                 .await?;
-            let (ok, bad): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let (pending, bad): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             if bad > 0 {
                 bail!(
                     "{bad} `{tag}` runs failed; worker logs: {}",
                     workers.describe()
                 );
             }
-            if ok as usize >= expected {
-                return Ok(());
+            if pending == 0 {
+                let ok: i64 = self
+                    .row(&format!(
+                        "SELECT count(*) FROM runs WHERE created_by = '{tag}' AND state = 'succeeded'"
+                    ))
+                    .await?
+                    .try_get(0)?;
+                if ok as usize >= expected {
+                    return Ok(());
+                }
+                bail!("only {ok}/{expected} `{tag}` runs exist and none is pending");
             }
             if start.elapsed() > deadline {
                 bail!(
-                    "only {ok}/{expected} `{tag}` runs succeeded after {deadline:?}; worker logs: {}",
+                    "{pending} of {expected} `{tag}` runs still unfinished after {deadline:?}; worker logs: {}",
                     workers.describe()
                 );
             }
             workers.check_alive()?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The figures come from `finished_at`, not from when this loop
+            // notices: polling less often loses no precision.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -71,41 +71,60 @@ pub async fn raw_inserts(
     let mut pids = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let mut conn = PgConnection::connect(url).await?;
-        let pid: i32 = sqlx::raw_sql("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?
-            .try_get(0)?;
-        pids.push(pid as u32);
+        pids.push(backend_pid(&mut conn).await?);
         // Prepare the statement and warm the connection up.
         for i in 0..5 {
             insert_raw(&mut conn, i).await?;
         }
         conns.push(conn);
     }
-    let cpu_before = cpu_of(&pids);
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|mut conn| {
-            tokio::spawn(async move {
-                for i in 0..per {
-                    insert_raw(&mut conn, i).await?;
-                }
-                Ok::<_, sqlx::Error>(conn)
+    let (elapsed, pg_cpu) = timed(&pids, || {
+        conns
+            .into_iter()
+            .map(|mut conn| {
+                tokio::spawn(async move {
+                    for i in 0..per {
+                        insert_raw(&mut conn, i).await?;
+                    }
+                    Ok(conn)
+                })
             })
-        })
-        .collect();
+            .collect()
+    })
+    .await?;
+    let commits = (per * concurrency) as f64;
+    Ok((commits / elapsed, pg_cpu * 1e6 / commits))
+}
+
+/// The PostgreSQL backend serving `conn` (its CPU time is read from /proc).
+pub async fn backend_pid(conn: &mut PgConnection) -> anyhow::Result<u32> {
+    let pid: i32 = sqlx::raw_sql("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?;
+    Ok(pid as u32)
+}
+
+/// A timed load of one task per connection: starts `spawn()`'s tasks (each
+/// hands its connection back), waits for all of them and closes their
+/// connections. Returns the wall time in seconds and the CPU seconds the
+/// backends `pids` used meanwhile.
+pub async fn timed<F>(pids: &[u32], spawn: F) -> anyhow::Result<(f64, f64)>
+where
+    F: FnOnce() -> Vec<tokio::task::JoinHandle<anyhow::Result<PgConnection>>>,
+{
+    let cpu_before = cpu_of(pids);
+    let start = Instant::now();
     let mut done = Vec::new();
-    for t in tasks {
-        done.push(t.await??);
+    for task in spawn() {
+        done.push(task.await??);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let pg_cpu = cpu_delta(&cpu_before, &cpu_of(&pids));
+    let pg_cpu = cpu_delta(&cpu_before, &cpu_of(pids));
     for conn in done {
         conn.close().await?;
     }
-    let commits = (per * concurrency) as f64;
-    Ok((commits / elapsed, pg_cpu * 1e6 / commits))
+    Ok((elapsed, pg_cpu))
 }
 
 /// CPU seconds (user + system) each process has used so far, from /proc

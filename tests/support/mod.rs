@@ -34,6 +34,13 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// A loopback port nobody listened on a moment ago (for a server a test
+/// starts, or to be refused).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 pub fn default_redis_url() -> String {
     std::env::var("ORRERY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -93,7 +100,12 @@ impl TestEnv {
     }
 
     pub async fn with_redis(name: &str, redis_url: &str) -> Self {
-        let db = TestDb::new(name).await;
+        Self::with_servers(name, &admin_url(), redis_url).await
+    }
+
+    /// On the PostgreSQL server `admin_url` points at and the Redis at `redis_url`.
+    pub async fn with_servers(name: &str, admin_url: &str, redis_url: &str) -> Self {
+        let db = TestDb::on(admin_url, name).await;
         let (db_name, db_url, pool) = (db.db_name.clone(), db.db_url.clone(), db.pool.clone());
         let suffix = Uuid::new_v4().simple().to_string();
         let dir = std::env::temp_dir().join(format!("orrery-test-{name}-{}", &suffix[..10]));
@@ -282,11 +294,18 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
+        let port = free_port();
+        let child = Self::spawn(port);
+        let redis = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
         };
-        let child = Command::new("redis-server")
+        redis.wait_ready().await;
+        redis
+    }
+
+    fn spawn(port: u16) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -300,18 +319,20 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (run scripts/setup.sh)");
-        let url = format!("redis://127.0.0.1:{port}");
+            .expect("redis-server must be installed (run scripts/setup.sh)")
+    }
+
+    async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(client) = redis::Client::open(url.as_str()) {
+            if let Ok(client) = redis::Client::open(self.url.as_str()) {
                 if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                     if redis::cmd("PING")
                         .query_async::<String>(&mut conn)
                         .await
                         .is_ok()
                     {
-                        break;
+                        return;
                     }
                 }
             }
@@ -321,7 +342,17 @@ impl PrivateRedis {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        PrivateRedis { child, url }
+    }
+
+    /// SIGKILL the server (it keeps nothing on disk: everything it held is
+    /// gone), stay down for `down`, start an empty one on the same port.
+    pub async fn kill_and_restart(&mut self, down: Duration) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        tokio::time::sleep(down).await;
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Self::spawn(port);
+        self.wait_ready().await;
     }
 
     pub async fn flushall(&self) {
@@ -338,19 +369,197 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A private PostgreSQL server (Debian's binaries, a fresh `initdb` in a
+/// temporary folder, trust auth, a free loopback port) for tests that crash
+/// and restart it. Run as the `postgres` user when the test runs as root
+/// (`initdb` refuses root).
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    as_postgres: bool,
+    port: u16,
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`
+    pub admin_url: String,
+}
+
+impl PrivatePostgres {
+    /// `Err` says why this machine cannot run one (no server binaries, no
+    /// `postgres` user to run them as root).
+    pub async fn start() -> Result<Self, String> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|e| format!("no PostgreSQL server binaries in /usr/lib/postgresql ({e}); run scripts/setup.sh"))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+            .filter(|b| b.join("initdb").exists())
+            .ok_or("no /usr/lib/postgresql/<version>/bin/initdb; run scripts/setup.sh")?;
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if root
+            && !Command::new("id")
+                .arg("postgres")
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        {
+            return Err("running as root without a `postgres` user to run initdb as".into());
+        }
+        let port = free_port();
+        let data = std::env::temp_dir().join(format!(
+            "orrery-pg-{}",
+            &Uuid::new_v4().simple().to_string()[..10]
+        ));
+        let pg = PrivatePostgres {
+            bin,
+            data,
+            as_postgres: root,
+            port,
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        let data = pg.data.to_string_lossy().into_owned();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        )?;
+        pg.start_server().await?;
+        Ok(pg)
+    }
+
+    /// [`PrivatePostgres::start`], or `None` after saying loudly on the real
+    /// stderr why `test` is skipped.
+    pub async fn start_or_skip(test: &str) -> Option<Self> {
+        match Self::start().await {
+            Ok(pg) => Some(pg),
+            Err(why) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+                None
+            }
+        }
+    }
+
+    /// [`PrivatePostgres::start_or_skip`] and a [`TestEnv`] named `name` on
+    /// it (with the default Redis). Bind them in this order, `(pg, env)`: the
+    /// environment (and its database) goes before the server.
+    pub async fn with_env(test: &str, name: &str) -> Option<(Self, TestEnv)> {
+        let pg = Self::start_or_skip(test).await?;
+        let env = TestEnv::with_servers(name, &pg.admin_url, &default_redis_url()).await;
+        Some((pg, env))
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{tool}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    async fn start_server(&self) -> Result<(), String> {
+        let data = self.data.to_string_lossy().into_owned();
+        let log = self.data.join("server.log").to_string_lossy().into_owned();
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {data} -c max_connections=60",
+            self.port
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "30", "start",
+            ],
+        )?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while sqlx::PgConnection::connect(&self.admin_url).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "private PostgreSQL on port {} does not answer",
+                    self.port
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    /// Stop the server the way a crash does (`-m immediate`: every backend
+    /// quits at once, no shutdown checkpoint, WAL recovery at the next start).
+    pub fn crash(&self) {
+        let data = self.data.to_string_lossy().into_owned();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"])
+            .unwrap();
+    }
+
+    /// Start it again after [`PrivatePostgres::crash`], once it answers.
+    pub async fn restart(&self) {
+        self.start_server().await.unwrap();
+    }
+
+    /// Crash, stay down for `down`, start again.
+    pub async fn crash_and_restart(&self, down: Duration) {
+        self.crash();
+        tokio::time::sleep(down).await;
+        self.restart().await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data.to_string_lossy().into_owned();
+        let _ = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
 /// Just a migrated database of its own (no engine, no Redis), dropped with it:
 /// for tests of integrations that only need the inventory tables.
 pub struct TestDb {
     pub db_name: String,
     pub db_url: String,
     pub pool: PgPool,
+    admin_url: String,
 }
 
 impl TestDb {
     pub async fn new(name: &str) -> Self {
+        Self::on(&admin_url(), name).await
+    }
+
+    /// A database on the server `admin_url` points at.
+    pub async fn on(admin_url: &str, name: &str) -> Self {
         let suffix = Uuid::new_v4().simple().to_string();
         let db_name = format!("orrery_t_{}_{}", name, &suffix[..10]);
-        let mut admin = sqlx::PgConnection::connect(&admin_url())
+        let mut admin = sqlx::PgConnection::connect(admin_url)
             .await
             .expect("PostgreSQL must be reachable (run scripts/setup.sh)");
         sqlx::query(&format!("CREATE DATABASE {db_name}"))
@@ -358,8 +567,7 @@ impl TestDb {
             .await
             .unwrap();
         admin.close().await.unwrap();
-        let base = admin_url();
-        let db_url = format!("{}/{db_name}", &base[..base.rfind('/').unwrap()]);
+        let db_url = format!("{}/{db_name}", &admin_url[..admin_url.rfind('/').unwrap()]);
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(10)
             .connect(&db_url)
@@ -370,6 +578,7 @@ impl TestDb {
             db_name,
             db_url,
             pool,
+            admin_url: admin_url.to_owned(),
         }
     }
 
@@ -401,7 +610,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let db = self.db_name.clone();
+        let (db, admin_url) = (self.db_name.clone(), self.admin_url.clone());
         // FORCE ends this pool's connections too.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -409,7 +618,7 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                         .execute(&mut admin)
                         .await;

@@ -24,15 +24,22 @@ pub struct Runtime {
 /// this build knows.
 pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow::Result<Runtime> {
     let pool = connect_db(&config).await.with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL (ORRERY_DATABASE_URL={})",
-            redact(&config.database_url)
+        orrery_workflows::config::cannot_connect(
+            "PostgreSQL",
+            "ORRERY_DATABASE_URL",
+            &config.database_url,
         )
     })?;
     let dispatcher = Arc::new(
         RedisDispatcher::connect(&config.redis_url, &config.namespace)
             .await
-            .context("cannot connect to Redis (ORRERY_REDIS_URL)")?,
+            .with_context(|| {
+                orrery_workflows::config::cannot_connect(
+                    "Redis",
+                    "ORRERY_REDIS_URL",
+                    &config.redis_url,
+                )
+            })?,
     );
     let registry = orrery_workflows::registry(config.test_workflows);
     let mut services = Services::new();
@@ -51,20 +58,6 @@ pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow:
         shutdown,
     );
     Ok(Runtime { engine, dispatcher })
-}
-
-/// Hide a password in a URL before logging it.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Every queue some registered workflow step uses.
@@ -192,13 +185,4 @@ pub fn shutdown_on_signals() -> CancellationToken {
 }
 
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
-}
+mod tests {}

@@ -125,8 +125,40 @@ impl EngineConfig {
     }
 }
 
+/// Hide a password in a URL before showing or logging it.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// What a process says when a server it needs is not there: which one, the
+/// variable and address it used (password hidden), and what to do.
+pub fn cannot_connect(what: &str, var: &str, url: &str) -> String {
+    format!(
+        "cannot connect to {what} ({var}={}); is it running there? scripts/setup.sh starts a local one",
+        redact(url)
+    )
+}
+
 /// Connect a pool to PostgreSQL with the configured size.
 pub async fn connect_db(cfg: &EngineConfig) -> Result<sqlx::PgPool, sqlx::Error> {
+    use sqlx::Connection;
+    // One connection of its own first: a server that refuses (down, wrong
+    // port, unknown database or user) is reported at once with its real
+    // cause, instead of as the pool's timeout ten seconds later.
+    let options: sqlx::postgres::PgConnectOptions = cfg.database_url.parse()?;
+    sqlx::PgConnection::connect_with(&options)
+        .await?
+        .close()
+        .await?;
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(cfg.db_pool)
         .acquire_timeout(Duration::from_secs(10))
@@ -134,7 +166,7 @@ pub async fn connect_db(cfg: &EngineConfig) -> Result<sqlx::PgPool, sqlx::Error>
         // statement. A dead connection fails its statement, which the engine
         // treats like any database error (the run is retried or reclaimed).
         .test_before_acquire(false)
-        .connect(&cfg.database_url)
+        .connect_with(options)
         .await
 }
 
@@ -155,6 +187,13 @@ pub async fn connect_dedicated(pool: &sqlx::PgPool) -> Result<sqlx::PgConnection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert!(!cannot_connect("Redis", "ORRERY_REDIS_URL", "redis://:pw@h:1").contains("pw"));
+    }
 
     #[test]
     fn an_unparsable_value_names_the_variable() {

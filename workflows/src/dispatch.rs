@@ -76,9 +76,20 @@ pub struct RedisDispatcher {
 impl RedisDispatcher {
     /// Connects lazily-reconnecting: a Redis restart heals by itself.
     pub async fn connect(redis_url: &str, namespace: &str) -> Result<Self, EngineError> {
-        let conn = apalis_redis::connect(redis_url).await.map_err(|e| {
-            EngineError::Dispatch(format!("cannot connect to Redis at {redis_url}: {e}"))
-        })?;
+        let failed = |e: redis::RedisError| {
+            EngineError::Dispatch(format!(
+                "cannot connect to Redis at {}: {e}",
+                crate::config::redact(redis_url)
+            ))
+        };
+        // One plain connection first: a Redis that is not there is reported
+        // at once, not after the connection manager's retries (seconds).
+        redis::Client::open(redis_url)
+            .map_err(failed)?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(failed)?;
+        let conn = apalis_redis::connect(redis_url).await.map_err(failed)?;
         Ok(RedisDispatcher {
             conn,
             namespace: namespace.to_owned(),

@@ -42,6 +42,10 @@ impl StepError {
 pub enum EngineError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database could not be reached (see [`database_unreachable`]): the
+    /// same work may be tried again once it is back.
+    #[error("database unreachable: {0}")]
+    Unavailable(String),
     #[error("dispatch: {0}")]
     Dispatch(String),
     #[error("unknown workflow `{0}`")]
@@ -55,4 +59,18 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
+}
+
+/// Errors that say the database cannot be reached now, not that a statement
+/// is wrong: I/O on the connection, no pooled connection in time, SQLSTATE
+/// class 08 (connection exception) and 57P (the server shutting down,
+/// crashed or starting up).
+pub fn database_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
 }

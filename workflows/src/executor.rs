@@ -27,6 +27,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    batch::Failed,
     config::EngineConfig,
     dispatch::Dispatcher,
     error::{EngineError, StepError},
@@ -57,10 +58,8 @@ pub struct Engine {
     /// Unique per process: hostname, pid and a random suffix.
     pub worker_id: Arc<str>,
     writer: CheckpointWriter,
+    claimer: store::Claimer,
     timing: Timing,
-    /// Stuck bound set at claim time, before the step is known: the longest
-    /// step timeout of any registered workflow, plus leases.
-    claim_stuck_in: Duration,
     /// Runs this process is driving, so a cancel NOTIFY reaches their step.
     inflight: Mutex<HashMap<Uuid, Arc<RunSignals>>>,
     /// Process shutdown: stop between steps and hand runs back.
@@ -148,14 +147,18 @@ impl Engine {
             .flat_map(|wf| wf.steps.iter().map(|s| s.timeout).collect::<Vec<_>>())
             .max()
             .unwrap_or(Duration::from_secs(300));
+        let worker_id: String = new_worker_id();
+        // Stuck bound set at claim time, before the step is known: the longest
+        // step timeout of any registered workflow, plus leases.
+        let claim_stuck_in = timing.running(longest);
         Arc::new(Engine {
             writer: CheckpointWriter::spawn(pool.clone()),
+            claimer: store::Claimer::spawn(pool.clone(), &worker_id, config.lease, claim_stuck_in),
             pool,
             registry,
             services: Arc::new(services),
             dispatcher,
-            worker_id: new_worker_id().into(),
-            claim_stuck_in: timing.running(longest),
+            worker_id: worker_id.into(),
             timing,
             config,
             inflight: Mutex::new(HashMap::new()),
@@ -337,14 +340,7 @@ impl Engine {
     }
 
     async fn claim_and_drive(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError> {
-        let claimed = store::claim(
-            &self.pool,
-            run_id,
-            &self.worker_id,
-            self.config.lease,
-            self.claim_stuck_in,
-        )
-        .await?;
+        let claimed = self.claim(run_id).await?;
         let Some(claimed) = claimed else {
             let state: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
                 .bind(run_id)
@@ -481,7 +477,7 @@ impl Engine {
             let mut next_c = c.clone();
             next_c.apply(&update);
             let done_step = update.checkpoint.as_ref().map(|ck| ck.step.clone());
-            if !self.writer.write(update).await? {
+            if !self.commit(update).await? {
                 tracing::warn!("fence moved: lease lost, nothing committed");
                 return Ok(());
             }
@@ -496,7 +492,7 @@ impl Engine {
             match next {
                 Next::Continue if self.shutdown.is_cancelled() => {
                     let (u, next) = lifecycle::yield_run(&c, self.timing);
-                    if self.writer.write(u).await? {
+                    if self.commit(u).await? {
                         if let Next::Handoff { queue } = next {
                             self.dispatch_or_log(&queue, c.run_id).await;
                         }
@@ -516,6 +512,49 @@ impl Engine {
                     tracing::info!(state = %c.state, error = c.error.as_deref(), "run finished");
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Commit a transition through the writer. While the database cannot be
+    /// reached (a restart, a failover), the same write is sent again (see
+    /// [`Outage`]): the worker still holds the run, and a step that finished
+    /// is not run again because its checkpoint could not be written at that
+    /// moment. A write whose first send committed but whose answer was lost
+    /// is recognised by its id and not applied twice. Past the lease, or on
+    /// any other error, the run is left to be reclaimed.
+    async fn commit(&self, update: RunUpdate) -> Result<bool, EngineError> {
+        let mut outage = Outage::new(self.config.lease);
+        let mut update = update;
+        loop {
+            match self.writer.write(update).await {
+                Ok(applied) => return Ok(applied),
+                Err(Failed {
+                    error: EngineError::Unavailable(why),
+                    request: Some(again),
+                }) if outage.wait(&why, &self.shutdown).await => {
+                    update = RunUpdate {
+                        resent: true,
+                        ..again
+                    };
+                }
+                Err(failed) => return Err(failed.error),
+            }
+        }
+    }
+
+    /// Claim through the claimer, asking again while the database cannot be
+    /// reached (see [`Outage`]), so a dispatch that arrives during an outage
+    /// runs once it ends instead of waiting for the reconciler. (A claim
+    /// whose commit happened but whose answer was lost finds the run leased
+    /// to this worker and gives it up; the lease expires and the run is
+    /// dispatched again.)
+    async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
+        let mut outage = Outage::new(self.config.lease);
+        loop {
+            match self.claimer.claim(run_id).await {
+                Err(EngineError::Unavailable(why)) if outage.wait(&why, &self.shutdown).await => {}
+                other => return other,
             }
         }
     }
@@ -675,17 +714,29 @@ impl Engine {
                         let out = each(ctx, key.clone(), item)
                             .await
                             .map_err(|e| (key.clone(), e))?;
-                        match store::write_item(
-                            &self.pool,
-                            run_id,
-                            fence,
-                            &self.worker_id,
-                            step_index,
-                            &key,
-                            &out,
-                        )
-                        .await
-                        {
+                        // An upsert: asked again while the database is
+                        // unreachable (see `Outage`), so a finished item is
+                        // not run again for want of its checkpoint.
+                        let mut outage = Outage::new(self.config.lease);
+                        let written = loop {
+                            let written = store::write_item(
+                                &self.pool,
+                                run_id,
+                                fence,
+                                &self.worker_id,
+                                step_index,
+                                &key,
+                                &out,
+                            )
+                            .await;
+                            match written {
+                                Err(e)
+                                    if crate::error::database_unreachable(&e)
+                                        && outage.wait(&e.to_string(), &self.shutdown).await => {}
+                                other => break other,
+                            }
+                        };
+                        match written {
                             Ok(true) => Ok((key, out)),
                             Ok(false) => Err((key, StepError::fatal("lease lost"))),
                             Err(e) => Err((key, StepError::retryable(format!("checkpoint: {e}")))),
@@ -766,6 +817,34 @@ impl Engine {
                 self.timing,
             ),
         }
+    }
+}
+
+/// Backoff while the database cannot be reached: 50 ms doubling to 1 s, for
+/// up to one lease from the first failure (past it, another worker may own
+/// the run) and not once the process is shutting down.
+struct Outage {
+    give_up: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl Outage {
+    fn new(lease: Duration) -> Self {
+        Outage {
+            give_up: tokio::time::Instant::now() + lease,
+            delay: Duration::from_millis(50),
+        }
+    }
+
+    /// Wait before the next try; `false`: give up now.
+    async fn wait(&mut self, why: &str, shutdown: &CancellationToken) -> bool {
+        if tokio::time::Instant::now() + self.delay >= self.give_up || shutdown.is_cancelled() {
+            return false;
+        }
+        tracing::warn!(error = why, retry_in = ?self.delay, "database unreachable; trying again");
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        true
     }
 }
 

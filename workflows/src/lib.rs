@@ -8,7 +8,8 @@
 //! - [`lifecycle`]: one file per transition; each is a pure function from a
 //!   run and an outcome to the single write ([`store::RunUpdate`]) that commits it.
 //! - [`store`]: every SQL statement of the engine (claim, heartbeat, submit,
-//!   cancel, replay, queries) and the batching checkpoint [`writer`].
+//!   cancel, replay, queries) and the batching checkpoint [`writer`]; both
+//!   the claimer and the writer batch through [`batch`].
 //! - [`executor`]: claims a dispatched run and drives its steps, inline while
 //!   they stay on one queue, handing over through [`dispatch`] when they do not.
 //! - [`consumer`]: one apalis worker per queue, feeding dispatches to the executor.
@@ -20,6 +21,7 @@
 //! due on queue Q"; losing it loses no work (the reconciler re-dispatches).
 
 pub mod ambari;
+pub mod batch;
 pub mod builtin;
 pub mod config;
 pub mod consumer;

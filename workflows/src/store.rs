@@ -14,7 +14,11 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::{error::EngineError, state::RunState};
+use crate::{
+    batch::{BatchStatement, Batcher},
+    error::EngineError,
+    state::RunState,
+};
 
 /// A run as its claimer sees it, with every checkpointed output.
 #[derive(Debug, Clone)]
@@ -42,22 +46,96 @@ pub struct ClaimedRun {
     pub step_started_at: Option<DateTime<Utc>>,
 }
 
-const CLAIMABLE: &str = "r.state NOT IN ('succeeded', 'failed', 'cancelled')
-    AND (r.lease_until IS NULL OR r.lease_until < now())
-    AND (r.wake_at IS NULL OR r.wake_at <= now() OR r.cancel_requested_at IS NOT NULL)";
+/// Claims a worker process makes go through one task (see [`crate::batch`]):
+/// runs dispatched together (the runs of a batch that finished together, a
+/// fan-out's handovers) are claimed by one statement and one commit.
+#[derive(Clone)]
+pub struct Claimer {
+    batcher: Batcher<ClaimStatement>,
+}
 
-/// Take the run's lease if it is runnable and nobody holds a live lease.
-/// Increments the fencing token, so whoever held it before can no longer
-/// commit. `None`: not claimable (finished, leased, not yet due, or unknown).
-pub async fn claim(
-    pool: &PgPool,
-    run_id: Uuid,
+impl Claimer {
+    /// Claims for `owner`, each lease lasting `lease`, the run stuck if it
+    /// makes no progress for `stuck_in`.
+    pub fn spawn(pool: PgPool, owner: &str, lease: Duration, stuck_in: Duration) -> Self {
+        let statement = ClaimStatement {
+            owner: owner.to_owned(),
+            lease,
+            stuck_in,
+        };
+        Claimer {
+            batcher: Batcher::spawn(pool, statement, CLAIMERS, MAX_CLAIMS),
+        }
+    }
+
+    /// Take the run's lease if it is runnable and nobody holds a live lease.
+    /// Increments the fencing token, so whoever held it before can no longer
+    /// commit. `None`: not claimable (finished, leased, not yet due, unknown,
+    /// or asked for twice in one batch: only the first asker gets it).
+    pub async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
+        self.batcher.call(run_id).await.map_err(|f| f.error)
+    }
+}
+
+/// Most runs claimed by one statement.
+const MAX_CLAIMS: usize = 64;
+
+/// Claim statements that may be in flight at once (one connection each).
+/// A run waits for its claim before anything else, so claims that arrive
+/// one by one must not queue behind each other; only when more arrive than
+/// this do they share a statement.
+const CLAIMERS: usize = 4;
+
+struct ClaimStatement {
+    owner: String,
+    lease: Duration,
+    stuck_in: Duration,
+}
+
+impl BatchStatement for ClaimStatement {
+    type Request = Uuid;
+    type Answer = Option<ClaimedRun>;
+    const NAME: &'static str = "claimer";
+
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        requests: &[Uuid],
+    ) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+        let mut claimed: HashMap<Uuid, ClaimedRun> =
+            claim_many(conn, requests, &self.owner, self.lease, self.stuck_in)
+                .await?
+                .into_iter()
+                .map(|run| (run.id, run))
+                .collect();
+        // `remove`: a run asked for twice goes to the first asker only.
+        Ok(requests.iter().map(|id| claimed.remove(id)).collect())
+    }
+}
+
+/// Claim every claimable run of `ids` (see [`Claimer::claim`]) in one
+/// statement. Rows are locked in id order, so two claimers asking for the
+/// same runs cannot deadlock.
+pub async fn claim_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
     owner: &str,
     lease: Duration,
     stuck_in: Duration,
-) -> Result<Option<ClaimedRun>, sqlx::Error> {
-    let sql = format!(
-        "WITH p AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE),
+) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let rows = sqlx::query(CLAIM_SQL)
+        .bind(ids)
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .bind(stuck_in.as_secs_f64())
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(claimed_run).collect()
+}
+
+/// [`claim_many`]'s statement: the run is claimable when it is unfinished,
+/// nobody holds a live lease and it is due (or a cancel is waiting for it).
+const CLAIM_SQL: &str = "WITH p AS (SELECT id, state AS prev_state FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE),
          c AS (
             UPDATE runs r SET
                 lease_owner = $2,
@@ -68,34 +146,29 @@ pub async fn claim(
                 stuck_after = now() + make_interval(secs => $4),
                 updated_at = now()
             FROM p
-            WHERE r.id = p.id AND {CLAIMABLE}
+            WHERE r.id = p.id AND r.state NOT IN ('succeeded', 'failed', 'cancelled')
+                  AND (r.lease_until IS NULL OR r.lease_until < now())
+                  AND (r.wake_at IS NULL OR r.wake_at <= now() OR r.cancel_requested_at IS NOT NULL)
             RETURNING r.*, p.prev_state
          )
          SELECT c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,
                 c.attempt, c.queue, c.compensate_cursor, c.fence, c.cancel_requested_by,
                 c.cancel_reason, c.cancel_requested_at IS NOT NULL AS cancel_requested, c.error,
                 COALESCE((SELECT jsonb_object_agg(s.step, s.output) FROM step_checkpoints s
-                          WHERE s.run_id = c.id AND s.output IS NOT NULL), '{{}}'::jsonb) AS outputs,
+                          WHERE s.run_id = c.id AND s.output IS NOT NULL), '{}'::jsonb) AS outputs,
                 COALESCE((SELECT s.polls FROM step_checkpoints s
                           WHERE s.run_id = c.id AND s.step_index = c.cursor), 0) AS polls,
                 (SELECT s.started_at FROM step_checkpoints s
                  WHERE s.run_id = c.id AND s.step_index = c.cursor) AS step_started_at
-         FROM c"
-    );
-    let row = sqlx::query(&sql)
-        .bind(run_id)
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .bind(stuck_in.as_secs_f64())
-        .fetch_optional(pool)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
+         FROM c";
+
+fn claimed_run(row: &sqlx::postgres::PgRow) -> Result<ClaimedRun, sqlx::Error> {
     let outputs: Value = row.try_get("outputs")?;
     let outputs = match outputs {
         Value::Object(map) => map.into_iter().collect(),
         _ => HashMap::new(),
     };
-    Ok(Some(ClaimedRun {
+    Ok(ClaimedRun {
         id: row.try_get("id")?,
         workflow: row.try_get("workflow")?,
         workflow_version: row.try_get("workflow_version")?,
@@ -114,7 +187,7 @@ pub async fn claim(
         outputs,
         polls: row.try_get("polls")?,
         step_started_at: row.try_get("step_started_at")?,
-    }))
+    })
 }
 
 fn parse_state(s: String) -> Result<RunState, sqlx::Error> {

@@ -12,12 +12,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
-use std::sync::Arc;
-
-use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use crate::{error::EngineError, state::RunState};
+use crate::{
+    batch::{BatchStatement, Batcher, Failed},
+    state::RunState,
+};
 
 /// Largest number of transitions committed by one statement.
 const MAX_BATCH: usize = 128;
@@ -78,6 +78,11 @@ pub struct Checkpoint {
 /// One committed transition of a run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunUpdate {
+    /// Unique per transition: the same write sent again (its first answer
+    /// lost) is recognised and not applied twice (`runs.last_write`).
+    pub write_id: Uuid,
+    /// This is such a second send: check whether the first one committed.
+    pub resent: bool,
     pub run_id: Uuid,
     pub fence: i64,
     pub owner: String,
@@ -102,89 +107,46 @@ pub struct RunUpdate {
     pub event: Option<(String, Option<Value>)>,
 }
 
-type Reply = oneshot::Sender<Result<bool, sqlx::Error>>;
-
 /// Handle to the background task that batches and commits [`RunUpdate`]s.
 #[derive(Clone)]
 pub struct CheckpointWriter {
-    tx: mpsc::Sender<(RunUpdate, Reply)>,
+    batcher: Batcher<WriteStatement>,
 }
 
 impl CheckpointWriter {
     pub fn spawn(pool: PgPool) -> Self {
-        let (tx, rx) = mpsc::channel(1024);
-        // While a statement is in flight, the next batch gathers in the
-        // channel; with WRITERS > 1 the writers take turns on it.
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            tokio::spawn(run_writer(pool.clone(), rx.clone()));
+        CheckpointWriter {
+            batcher: Batcher::spawn(pool, WriteStatement, WRITERS, MAX_BATCH),
         }
-        CheckpointWriter { tx }
     }
 
     /// Commit `update`; `Ok(false)` means the fence or lease no longer
-    /// matched, so nothing was written and the caller has lost the run.
-    pub async fn write(&self, update: RunUpdate) -> Result<bool, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((update, reply))
-            .await
-            .map_err(|_| EngineError::Dispatch("checkpoint writer stopped".into()))?;
-        let applied = answer
-            .await
-            .map_err(|_| EngineError::Dispatch("checkpoint writer stopped".into()))??;
-        Ok(applied)
+    /// matched, so nothing was written and the caller has lost the run. A
+    /// failed write is handed back (see [`Failed`]) so it can be sent again
+    /// with `resent` set.
+    pub async fn write(&self, update: RunUpdate) -> Result<bool, Failed<RunUpdate>> {
+        self.batcher.call(update).await
     }
 }
 
-/// Writes on a connection of its own rather than the pool's: no pool
-/// bookkeeping round-trips, and checkpoints never wait behind claims for a
-/// pooled connection. A broken connection is replaced at the next batch.
-async fn run_writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<(RunUpdate, Reply)>>>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut conn: Option<PgConnection> = None;
-    loop {
-        {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-        }
-        let updates: Vec<&RunUpdate> = batch.iter().map(|(u, _)| u).collect();
-        if conn.is_none() {
-            conn = crate::config::connect_dedicated(&pool).await.ok();
-        }
-        let result = match conn.as_mut() {
-            Some(c) => write_batch(c, &updates).await,
-            None => write_batch(&pool, &updates).await,
-        };
-        if result.is_err() {
-            conn = None;
-        }
-        match result {
-            Ok(applied) => {
-                for (update, reply) in batch.drain(..) {
-                    let _ = reply.send(Ok(applied.contains(&update.run_id)));
-                }
-                // The runs just answered are ready to run their next step
-                // and queue its checkpoint; let them, so it joins the next
-                // statement instead of waiting a whole commit for the one
-                // after (costs nothing when no task is ready).
-                tokio::task::yield_now().await;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, size = batch.len(), "checkpoint batch failed");
-                let msg = err.to_string();
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(sqlx::Error::Protocol(msg.clone())));
-                }
-            }
-        }
+struct WriteStatement;
+
+impl BatchStatement for WriteStatement {
+    type Request = RunUpdate;
+    type Answer = bool;
+    const NAME: &'static str = "checkpoint writer";
+
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        requests: &[RunUpdate],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        let updates: Vec<&RunUpdate> = requests.iter().collect();
+        let applied = write_batch(conn, &updates).await?;
+        Ok(requests
+            .iter()
+            .map(|u| applied.contains(&u.run_id))
+            .collect())
     }
 }
 
@@ -212,7 +174,12 @@ where
         ck_output.push(output);
         ck_error.push(error);
     }
-    sqlx::query_scalar(WRITE_SQL)
+    let sql = if updates.iter().any(|u| u.resent) {
+        RESEND_SQL
+    } else {
+        WRITE_SQL
+    };
+    sqlx::query_scalar(sql)
         .bind(updates.iter().map(|u| u.run_id).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.fence).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.owner.as_str()).collect::<Vec<_>>())
@@ -281,22 +248,35 @@ where
                 .map(|u| u.event.as_ref().and_then(|e| e.1.clone()))
                 .collect::<Vec<_>>(),
         )
+        .bind(updates.iter().map(|u| u.write_id).collect::<Vec<_>>())
+        .bind(updates.iter().map(|u| u.resent).collect::<Vec<_>>())
         .fetch_all(db)
         .await
 }
 
-const WRITE_SQL: &str = r#"
+/// The `v` (values) CTE of both write statements.
+macro_rules! write_values {
+    () => {
+        r#"
 WITH v AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int4[], $6::int4[], $7::text[],
         $8::int4[], $9::float8[], $10::bool[], $11::text[], $12::bool[], $13::text[],
         $14::jsonb[], $15::float8[], $16::int4[], $17::text[], $18::text[], $19::jsonb[],
-        $20::text[], $21::timestamptz[], $22::text[], $23::jsonb[]
+        $20::text[], $21::timestamptz[], $22::text[], $23::jsonb[], $24::uuid[], $25::bool[]
     ) AS v(id, fence, owner, state, cursor, attempt, queue,
            comp_cursor, wake_in, release, dispatch, set_error, error,
            output, stuck_in, ck_index, ck_step, ck_kind, ck_output,
-           ck_error, ck_started, ev, ev_detail)
+           ck_error, ck_started, ev, ev_detail, write_id, resent)
 ),
+"#
+    };
+}
+
+/// The run update, checkpoint and history CTEs of both write statements.
+macro_rules! write_rows {
+    () => {
+        r#"
 u AS (
     UPDATE runs r SET
         state = v.state,
@@ -317,9 +297,11 @@ u AS (
         stuck_after = CASE WHEN v.stuck_in IS NULL THEN NULL
                            ELSE now() + make_interval(secs => v.stuck_in) END,
         finished_at = CASE WHEN v.state IN ('succeeded', 'failed', 'cancelled') THEN now() END,
-        updated_at = now()
+        updated_at = now(),
+        last_write = v.write_id
     FROM v
     WHERE r.id = v.id AND r.fence = v.fence AND r.lease_owner = v.owner
+      AND r.last_write IS DISTINCT FROM v.write_id
     RETURNING r.id
 ),
 ck AS (
@@ -352,5 +334,26 @@ h AS (
     FROM v JOIN u ON u.id = v.id
     WHERE v.ev IS NOT NULL
 )
-SELECT id FROM u
-"#;
+"#
+    };
+}
+
+/// The statement for batches of first sends.
+const WRITE_SQL: &str = concat!(write_values!(), write_rows!(), "SELECT id FROM u\n");
+
+/// The statement for a batch holding a write sent again: also answers
+/// "applied" for those whose first send had committed (`again`). Kept apart
+/// so that the common statement does not pay for the extra join.
+const RESEND_SQL: &str = concat!(
+    write_values!(),
+    r#"
+-- Writes sent again after a lost answer whose first send committed (the
+-- statement sees the rows as they were before it: no write of its own).
+again AS (
+    SELECT r.id FROM v JOIN runs r ON r.id = v.id
+    WHERE v.resent AND r.last_write = v.write_id AND r.fence = v.fence
+),
+"#,
+    write_rows!(),
+    "SELECT id FROM u UNION ALL SELECT id FROM again\n"
+);

@@ -60,6 +60,47 @@ mod tests {
         assert!(bootstrap_command("", 1).is_none());
     }
 
+    /// `status` trusts a pidfile only when its process is the agent's: a
+    /// stale number now held by another process is "not running", while the
+    /// agent's own process is "running" even in the instant after `start`
+    /// where it is still the forked copy of the starting shell (its command
+    /// line names the script but not yet `__loop`).
+    #[test]
+    fn status_trusts_a_pidfile_only_for_the_agents_own_process() {
+        let dir = std::env::temp_dir().join(format!("orrery-pid-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let agent = dir.join("bin/ambari-agent");
+        std::fs::write(&agent, AGENT_SCRIPT).unwrap();
+        let status = |pid: u32| {
+            std::fs::write(dir.join("ambari-agent.pid"), format!("{pid}\n")).unwrap();
+            std::process::Command::new("sh")
+                .arg(&agent)
+                .arg("status")
+                .env("AMBARI_AGENT_RUN_DIR", &dir)
+                .output()
+                .unwrap()
+                .status
+                .code()
+        };
+        // This test process: alive, but not the agent.
+        let stale = status(std::process::id());
+        // A process whose command line names the script (as the forked copy does).
+        let mut forked = std::process::Command::new("sh")
+            .args(["-c", "sleep 5", "ambari-agent"])
+            .spawn()
+            .unwrap();
+        let fresh = status(forked.id());
+        let _ = forked.kill();
+        let _ = forked.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            stale,
+            Some(3),
+            "a pid held by another process is not the agent"
+        );
+        assert_eq!(fresh, Some(0), "the agent's own process is running");
+    }
+
     /// Runs the real command with every path redirected to a temp dir.
     #[test]
     fn the_bootstrap_command_installs_and_restarts_the_agent() {
@@ -90,7 +131,12 @@ mod tests {
         let status = run("\"$AMBARI_AGENT_PREFIX/ambari-agent\" status");
         let stop = run("\"$AMBARI_AGENT_PREFIX/ambari-agent\" stop");
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(status.status.success(), "agent running after bootstrap");
+        assert!(
+            status.status.success(),
+            "agent running after bootstrap: {}{}",
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr)
+        );
         assert!(stop.status.success());
     }
 }

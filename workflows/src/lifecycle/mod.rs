@@ -94,6 +94,8 @@ impl Cursor {
     /// A write that keeps everything as it is; transitions change what they need.
     pub(crate) fn update(&self) -> RunUpdate {
         RunUpdate {
+            write_id: uuid::Uuid::now_v7(),
+            resent: false,
             run_id: self.run_id,
             fence: self.fence,
             owner: self.owner.clone(),
