@@ -509,7 +509,8 @@ async fn flushall_with_100_runs_in_flight_loses_none() {
     let mut env = TestEnv::with_redis("flushall", &redis.url).await;
     let ids = two_queue_load(&mut env, 100, 150).await;
     redis.flushall().await;
-    assert_in_flight_then_all_succeed(&env, &ids, &[], "the flush").await;
+    let in_flight = unfinished(&env, &ids).await;
+    assert_hit_in_flight_then_all_succeed(&env, &ids, &[], in_flight, "the flush").await;
 }
 
 /// Two workers on queues `alpha,beta` and a scheduler, `runs` runs of
@@ -537,17 +538,25 @@ async fn two_queue_load(env: &mut TestEnv, runs: usize, sleep_ms: u64) -> Vec<Uu
     ids
 }
 
-/// Some of `ids` was still unfinished right after `what` happened, and
-/// every one of `ids` and `more` then succeeds.
-async fn assert_in_flight_then_all_succeed(env: &TestEnv, ids: &[Uuid], more: &[Uuid], what: &str) {
-    let unfinished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM runs WHERE id = ANY($1) AND state NOT IN ('succeeded')",
-    )
-    .bind(ids)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert!(unfinished > 0, "{what} must hit runs in flight");
+/// How many of `ids` have not succeeded yet.
+async fn unfinished(env: &TestEnv, ids: &[Uuid]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = ANY($1) AND state <> 'succeeded'")
+        .bind(ids)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// `in_flight` of `ids` were unfinished when `what` happened (so it hit
+/// work under way), and every one of `ids` and `more` then succeeds.
+async fn assert_hit_in_flight_then_all_succeed(
+    env: &TestEnv,
+    ids: &[Uuid],
+    more: &[Uuid],
+    in_flight: i64,
+    what: &str,
+) {
+    assert!(in_flight > 0, "{what} must hit runs in flight");
     for id in ids.iter().chain(more) {
         let run = env.wait_state(*id, DONE, Duration::from_secs(90)).await;
         assert_eq!(run.state, RunState::Succeeded, "{run:?}");
@@ -564,21 +573,24 @@ async fn redis_killed_and_restarted_mid_flight_loses_no_run() {
     let mut redis = PrivateRedis::start().await;
     let mut env = TestEnv::with_redis("redis_kill", &redis.url).await;
     let ids = two_queue_load(&mut env, 40, 100).await;
-    let outage = redis.kill_and_restart(Duration::from_millis(1500));
-    let submit_during = async {
-        // Submitted while Redis is down (from just after the kill).
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut late = Vec::new();
-        for _ in 0..5 {
-            late.push(
-                env.submit("test.two_queues", json!({ "sleep_ms": 100 }))
-                    .await,
-            );
-        }
-        late
-    };
-    let ((), late) = tokio::join!(outage, submit_during);
-    assert_in_flight_then_all_succeed(&env, &ids, &late, "the outage").await;
+    let down = Duration::from_millis(1500);
+    redis.kill();
+    let killed = std::time::Instant::now();
+    // Submitted while Redis is down: their dispatch fails, they are
+    // committed all the same.
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        late.push(
+            env.submit("test.two_queues", json!({ "sleep_ms": 100 }))
+                .await,
+        );
+    }
+    tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
+    // Counted before Redis is back: once it is, the reconciler may finish
+    // every run before the count is taken.
+    let in_flight = unfinished(&env, &ids).await;
+    redis.restart().await;
+    assert_hit_in_flight_then_all_succeed(&env, &ids, &late, in_flight, "the outage").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,12 +344,15 @@ impl PrivateRedis {
         }
     }
 
-    /// SIGKILL the server (it keeps nothing on disk: everything it held is
-    /// gone), stay down for `down`, start an empty one on the same port.
-    pub async fn kill_and_restart(&mut self, down: Duration) {
+    /// SIGKILL the server: it keeps nothing on disk, so everything it held
+    /// is gone.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        tokio::time::sleep(down).await;
+    }
+
+    /// Start an empty server on the port of the killed one.
+    pub async fn restart(&mut self) {
         let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
         self.child = Self::spawn(port);
         self.wait_ready().await;

@@ -11,6 +11,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use apalis::prelude::TaskSink;
 use apalis_redis::{Config, ConnectionManager, RedisStorage};
 use async_trait::async_trait;
+use redis::aio::ConnectionManagerConfig;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -67,6 +68,19 @@ pub fn queue_config(namespace: &str, queue: &str) -> Config {
         .missed_heartbeats(3)
 }
 
+/// How the dispatcher's connection reconnects. A request made while Redis
+/// is unreachable waits for the reconnection under way; with the redis
+/// crate's default (6 retries, exponential from 100 ms) that is seconds per
+/// request, and a worker handing a run over or a submitter would block that
+/// long for a dispatch the reconciler re-sends anyway. Two quick retries
+/// bound a failed dispatch to about a third of a second; the next request
+/// starts a new reconnection, so a Redis that comes back is found again.
+fn connection_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(200))
+}
+
 pub struct RedisDispatcher {
     conn: ConnectionManager,
     namespace: String,
@@ -84,12 +98,15 @@ impl RedisDispatcher {
         };
         // One plain connection first: a Redis that is not there is reported
         // at once, not after the connection manager's retries (seconds).
-        redis::Client::open(redis_url)
-            .map_err(failed)?
+        let client = redis::Client::open(redis_url).map_err(failed)?;
+        client
             .get_multiplexed_async_connection()
             .await
             .map_err(failed)?;
-        let conn = apalis_redis::connect(redis_url).await.map_err(failed)?;
+        let conn = client
+            .get_connection_manager_with_config(connection_config())
+            .await
+            .map_err(failed)?;
         Ok(RedisDispatcher {
             conn,
             namespace: namespace.to_owned(),
