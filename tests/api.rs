@@ -1668,6 +1668,39 @@ async fn a_database_outage_is_answered_503_to_retry_and_the_api_recovers_by_itse
     );
     let poll = api.get(&format!("/v1/tasks/{before}"), &token).await;
     poll.assert_problem(503, None);
+    // Those answers closed the API's database gate: from now on requests are
+    // refused at once, not after the pool's 10 s connection timeout (each
+    // took 10 s without the gate).
+    for _ in 0..5 {
+        let asked = std::time::Instant::now();
+        let r = api.get(&format!("/v1/tasks/{before}"), &token).await;
+        r.assert_problem(503, None);
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "a request during the outage waited {:?}",
+            asked.elapsed()
+        );
+    }
+    // The original platform's API is refused in its own shape.
+    let (_, secret) = token.strip_prefix("orr_").unwrap().split_once('_').unwrap();
+    let basic = orrery_api::auth::basic_header(&token[4..20], secret);
+    let cosmos = api
+        .call(
+            Method::GET,
+            "/cosmos/v1/cluster",
+            None,
+            None,
+            &[("authorization", &basic)],
+        )
+        .await;
+    assert_eq!(
+        cosmos.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        cosmos.body
+    );
+    assert_eq!(cosmos.headers["retry-after"], "2");
+    assert!(cosmos.body["message"].is_string(), "{}", cosmos.body);
     let probed = std::time::Instant::now();
     let ready = api.call(Method::GET, "/readyz", None, None, &[]).await;
     assert!(

@@ -12,7 +12,7 @@ use orrery_workflows::{
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{admission::Admissions, metrics::Metrics};
+use crate::{admission::Admissions, availability::DatabaseGate, metrics::Metrics};
 
 /// What every handler can reach.
 pub struct App {
@@ -28,6 +28,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Group commit of cluster requests (quota admission under one lock).
     pub admissions: Admissions,
+    /// Closed while PostgreSQL is unreachable: requests fail fast.
+    pub database: Arc<DatabaseGate>,
 }
 
 #[derive(Clone)]
@@ -42,10 +44,11 @@ impl App {
         Arc::new_cyclic(|app| App {
             pool: engine.pool.clone(),
             redis,
-            engine,
             config,
             metrics: Metrics::default(),
             admissions: Admissions::start(app.clone()),
+            database: DatabaseGate::new((*engine.pool.connect_options()).clone()),
+            engine,
         })
     }
 

@@ -51,6 +51,7 @@ impl IntoResponse for CosmosError {
             tracing::error!(error = format!("{err:#}"), "cosmos request failed");
         }
         let mut res = (e.status, Json(json!({ "message": e.detail }))).into_response();
+        e.decorate(&mut res);
         if e.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -17,6 +17,9 @@ use serde_json::{json, Map, Value};
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// Problem type of a request that could not reach the database.
+const UNAVAILABLE: &str = "unavailable";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -88,13 +91,35 @@ impl ApiError {
     pub fn unavailable(err: impl Into<anyhow::Error>) -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            UNAVAILABLE,
             "the service cannot reach its database right now; retry in a few seconds \
              (a request that creates something: with the same Idempotency-Key, so it is not created twice)",
         );
         e.internal = Some(err.into());
         e.retry_after = Some(2);
         e
+    }
+
+    /// 503 answered by the [`crate::availability`] gate, without trying the
+    /// database (nothing to log: the request that closed the gate was).
+    pub fn unavailable_now() -> Self {
+        let mut e = Self::unavailable(anyhow::anyhow!("database gate closed"));
+        e.internal = None;
+        e
+    }
+
+    /// What every rendering of this error adds to its response: the
+    /// `Retry-After` header and, for an unreachable database, the mark the
+    /// availability gate reads.
+    pub fn decorate(&self, res: &mut Response) {
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.code == UNAVAILABLE {
+            res.extensions_mut()
+                .insert(crate::availability::DatabaseUnreachable);
+        }
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -138,10 +163,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(secs) = self.retry_after {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
+        self.decorate(&mut res);
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -218,10 +240,21 @@ mod tests {
             );
             let res = e.into_response();
             assert_eq!(res.headers()[header::RETRY_AFTER], "2");
+            assert!(res
+                .extensions()
+                .get::<crate::availability::DatabaseUnreachable>()
+                .is_some());
         }
         let bug = ApiError::from(sqlx::Error::RowNotFound);
         assert_eq!(bug.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(bug.retry_after, None);
+        let res = bug.into_response();
+        assert!(
+            res.extensions()
+                .get::<crate::availability::DatabaseUnreachable>()
+                .is_none(),
+            "only an unreachable database closes the gate"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`operators`]: runs, stuck runs, cancel and replay (alone or in bulk), audit.
 //! - [`cosmos`]: the original platform's `/cosmos/v1`, on the same code paths.
 //! - [`metrics`], [`openapi`]: `/metrics` and `/v1/openapi.json`.
+//! - [`availability`]: 503 at once while PostgreSQL is unreachable.
 
 use std::sync::Arc;
 
@@ -35,6 +36,7 @@ pub mod accounts;
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod availability;
 pub mod callbacks;
 pub mod clusters;
 pub mod cosmos;
@@ -149,12 +151,18 @@ pub fn router(app: Arc<app::App>) -> Router {
             get(cosmos::get_profile).put(cosmos::put_profile),
         )
         .route("/cosmos/v1/info", get(cosmos::info));
+    let gated = Router::new()
+        .merge(cosmos)
+        .merge(v1)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            availability::gate,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::handler))
-        .merge(cosmos)
-        .merge(v1)
+        .merge(gated)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
