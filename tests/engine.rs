@@ -330,7 +330,8 @@ async fn claims_arriving_together_each_get_their_own_answer() {
     let unknown = Uuid::new_v4();
     let mut asks = ids.clone();
     asks.extend([ids[0], unknown, ids[5]]);
-    let answers = futures::future::join_all(asks.iter().map(|id| claimer.claim(*id))).await;
+    let answers =
+        futures::future::join_all(asks.iter().map(|id| claimer.claim(*id, Uuid::now_v7()))).await;
     let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
     // Asks for one run may land in different statements (the claimer runs
     // several at once): whichever commits first wins, the other gets None.
@@ -369,7 +370,7 @@ async fn claims_arriving_together_each_get_their_own_answer() {
     );
     // A second worker's claimer: the leases are live, so nothing is taken over.
     let other = store::Claimer::spawn(env.pool.clone(), "claimer-b", lease, stuck);
-    assert!(other.claim(ids[3]).await.unwrap().is_none());
+    assert!(other.claim(ids[3], Uuid::now_v7()).await.unwrap().is_none());
     assert_eq!(
         env.run(ids[3]).await.fence,
         1,
@@ -389,7 +390,11 @@ async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
         .await;
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
     let mine = store::Claimer::spawn(env.pool.clone(), "resender", lease, stuck);
-    let run = mine.claim(id).await.unwrap().expect("claimable");
+    let run = mine
+        .claim(id, Uuid::now_v7())
+        .await
+        .unwrap()
+        .expect("claimable");
     let update = RunUpdate {
         write_id: Uuid::now_v7(),
         resent: false,
@@ -444,12 +449,53 @@ async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
         .unwrap();
     let theirs = store::Claimer::spawn(env.pool.clone(), "taker", lease, stuck);
     let taken = theirs
-        .claim(id)
+        .claim(id, Uuid::now_v7())
         .await
         .unwrap()
         .expect("expired lease is claimable");
     assert_eq!(taken.cursor, 1, "the taker resumes after the checkpoint");
     assert!(write_batch(&mut *conn, &[&again]).await.unwrap().is_empty());
+}
+
+/// A claim sent again because its first answer was lost (the database cut
+/// the connection after committing it) gets the run it had leased instead
+/// of finding it leased and leaving it for the lease to expire (30 s by
+/// default); a new claim of this same worker, or another worker's, is still
+/// refused the live lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_after_a_lost_answer_gets_its_run() {
+    let env = TestEnv::new("claim_again").await;
+    let id = env
+        .submit("test.chain", json!({ "effects": env.effects_path() }))
+        .await;
+    let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
+    let mine = store::Claimer::spawn(env.pool.clone(), "claimer-a", lease, stuck);
+    let claim = Uuid::now_v7();
+    let first = mine.claim(id, claim).await.unwrap().expect("claimable");
+    // Its answer is "lost": the same claim is sent again.
+    let again = mine
+        .claim(id, claim)
+        .await
+        .unwrap()
+        .expect("a resent claim gets the lease it took");
+    assert_eq!(
+        again.fence,
+        first.fence + 1,
+        "the lost answer's fence is void"
+    );
+    assert_eq!((again.state, again.cursor), (RunState::Running, 0));
+    // A new dispatch of the same run to the same worker is a new claim.
+    assert!(mine.claim(id, Uuid::now_v7()).await.unwrap().is_none());
+    // Another worker, even with the same claim id, finds a live lease.
+    let other = store::Claimer::spawn(env.pool.clone(), "claimer-b", lease, stuck);
+    assert!(other.claim(id, claim).await.unwrap().is_none());
+    let (owner, fence): (Option<String>, i64) =
+        sqlx::query_as("SELECT lease_owner, fence FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((owner.as_deref(), fence), (Some("claimer-a"), again.fence));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -551,8 +551,10 @@ impl Engine {
     /// dispatched again.)
     async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
         let mut outage = Outage::new(self.config.lease);
+        // One id for every send of this claim (see `Claimer::claim`).
+        let claim_id = Uuid::now_v7();
         loop {
-            match self.claimer.claim(run_id).await {
+            match self.claimer.claim(run_id, claim_id).await {
                 Err(EngineError::Unavailable(why)) if outage.wait(&why, &self.shutdown).await => {}
                 other => return other,
             }

@@ -6,7 +6,10 @@
 //! Runtime-checked queries (`sqlx::query`) are used throughout so the crate
 //! builds without a database; every statement is exercised by the tests.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -72,9 +75,30 @@ impl Claimer {
     /// Increments the fencing token, so whoever held it before can no longer
     /// commit. `None`: not claimable (finished, leased, not yet due, unknown,
     /// or asked for twice in one batch: only the first asker gets it).
-    pub async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
-        self.batcher.call(run_id).await.map_err(|f| f.error)
+    ///
+    /// `claim_id` names this claim across its sends: a claim sent again
+    /// because the first send's answer was lost (the database went away
+    /// after committing it) finds the lease it took itself and gets the run,
+    /// instead of finding it leased and leaving it for the lease to expire.
+    /// A new dispatch of a run this process holds is a new claim and is
+    /// refused, as for any live lease.
+    pub async fn claim(
+        &self,
+        run_id: Uuid,
+        claim_id: Uuid,
+    ) -> Result<Option<ClaimedRun>, EngineError> {
+        self.batcher
+            .call(ClaimRequest { run_id, claim_id })
+            .await
+            .map_err(|f| f.error)
     }
+}
+
+/// One claim: the run and the id its sends share.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    pub run_id: Uuid,
+    pub claim_id: Uuid,
 }
 
 /// Most runs claimed by one statement.
@@ -93,49 +117,66 @@ struct ClaimStatement {
 }
 
 impl BatchStatement for ClaimStatement {
-    type Request = Uuid;
+    type Request = ClaimRequest;
     type Answer = Option<ClaimedRun>;
     const NAME: &'static str = "claimer";
 
     async fn execute(
         &self,
         conn: &mut PgConnection,
-        requests: &[Uuid],
+        requests: &[ClaimRequest],
     ) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
+        // A run asked for twice goes to the first asker only.
+        let mut seen = HashSet::new();
+        let first: Vec<ClaimRequest> = requests
+            .iter()
+            .filter(|r| seen.insert(r.run_id))
+            .copied()
+            .collect();
         let mut claimed: HashMap<Uuid, ClaimedRun> =
-            claim_many(conn, requests, &self.owner, self.lease, self.stuck_in)
+            claim_many(conn, &first, &self.owner, self.lease, self.stuck_in)
                 .await?
                 .into_iter()
                 .map(|run| (run.id, run))
                 .collect();
-        // `remove`: a run asked for twice goes to the first asker only.
-        Ok(requests.iter().map(|id| claimed.remove(id)).collect())
+        Ok(requests.iter().map(|r| claimed.remove(&r.run_id)).collect())
     }
 }
 
-/// Claim every claimable run of `ids` (see [`Claimer::claim`]) in one
-/// statement. Rows are locked in id order, so two claimers asking for the
-/// same runs cannot deadlock.
+/// Claim every claimable run of `requests` (see [`Claimer::claim`]; one
+/// request per run) in one statement. Rows are locked in id order, so two
+/// claimers asking for the same runs cannot deadlock.
 pub async fn claim_many(
     conn: &mut PgConnection,
-    ids: &[Uuid],
+    requests: &[ClaimRequest],
     owner: &str,
     lease: Duration,
     stuck_in: Duration,
 ) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let (ids, claims): (Vec<Uuid>, Vec<Uuid>) =
+        requests.iter().map(|r| (r.run_id, r.claim_id)).unzip();
     let rows = sqlx::query(CLAIM_SQL)
-        .bind(ids)
+        .bind(&ids)
         .bind(owner)
         .bind(lease.as_secs_f64())
         .bind(stuck_in.as_secs_f64())
+        .bind(&claims)
         .fetch_all(conn)
         .await?;
     rows.iter().map(claimed_run).collect()
 }
 
 /// [`claim_many`]'s statement: the run is claimable when it is unfinished,
-/// nobody holds a live lease and it is due (or a cancel is waiting for it).
-const CLAIM_SQL: &str = "WITH p AS (SELECT id, state AS prev_state FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE),
+/// nobody holds a live lease and it is due (or a cancel is waiting for it),
+/// or when the live lease is the one this very claim took (`last_write` is
+/// its claim id: a send whose answer was lost; nothing was written since).
+/// Such a run comes back with `prev_state` `running`, as a run whose worker
+/// died does: a step that is not safe to repeat is not run again on the
+/// chance that it started.
+const CLAIM_SQL: &str = "WITH p AS (SELECT r.id, r.state AS prev_state, t.claim_id,
+                         r.lease_owner = $2 AND r.last_write = t.claim_id AS again
+                  FROM runs r JOIN unnest($1::uuid[], $5::uuid[]) AS t(id, claim_id) ON r.id = t.id
+                  ORDER BY r.id FOR UPDATE OF r),
          c AS (
             UPDATE runs r SET
                 lease_owner = $2,
@@ -144,11 +185,13 @@ const CLAIM_SQL: &str = "WITH p AS (SELECT id, state AS prev_state FROM runs WHE
                 state = CASE WHEN r.state IN ('queued', 'waiting', 'retrying') THEN 'running' ELSE r.state END,
                 wake_at = NULL,
                 stuck_after = now() + make_interval(secs => $4),
-                updated_at = now()
+                updated_at = now(),
+                last_write = p.claim_id
             FROM p
             WHERE r.id = p.id AND r.state NOT IN ('succeeded', 'failed', 'cancelled')
-                  AND (r.lease_until IS NULL OR r.lease_until < now())
-                  AND (r.wake_at IS NULL OR r.wake_at <= now() OR r.cancel_requested_at IS NOT NULL)
+                  AND (p.again OR (
+                      (r.lease_until IS NULL OR r.lease_until < now())
+                      AND (r.wake_at IS NULL OR r.wake_at <= now() OR r.cancel_requested_at IS NOT NULL)))
             RETURNING r.*, p.prev_state
          )
          SELECT c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,
