@@ -444,6 +444,55 @@ async fn an_aborted_request_ends_aborted_and_aborting_again_is_harmless() {
     assert_eq!(s.status, RequestStatus::Aborted);
     assert!(s.failure.unwrap().contains("cancelled by the test"));
     client.abort_request("abort", id, "again").await.unwrap();
+    // An unwinding repeated after its first pass deleted the cluster (and
+    // with it the request) finds nothing left to abort.
+    client.delete_cluster("abort").await.unwrap();
+    client
+        .abort_request("abort", id, "once more")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn stopping_the_started_services_leaves_the_ones_that_failed_to_install_alone() {
+    let (running, client) = start(SimConfig {
+        faults: Faults {
+            fail_requests: 1,
+            ..Faults::default()
+        },
+        ..fast_config()
+    })
+    .await;
+    let hs = hosts("stopsome", 2);
+    register_all(&running, &hs);
+    let plan = blueprint::plan(&spec("stopsome", &hs, &[])).unwrap();
+    client
+        .register_blueprint("bp-stopsome", &plan.blueprint)
+        .await
+        .unwrap();
+    let id = client
+        .create_cluster("stopsome", &plan.template)
+        .await
+        .unwrap();
+    follow(&client, "stopsome", id).await;
+    let states = client.services_state("stopsome").await.unwrap();
+    assert!(
+        states.iter().all(|(_, s)| s == "INSTALL_FAILED"),
+        "{states:?}"
+    );
+    // Nothing runs, so nothing is stopped (and nothing reinstalled).
+    let stop = client
+        .set_services_state_from(
+            "stopsome",
+            ServiceState::Started,
+            ServiceState::Installed,
+            "stop what runs",
+        )
+        .await
+        .unwrap();
+    assert_eq!(stop, None);
+    assert_eq!(client.services_state("stopsome").await.unwrap(), states);
+    client.delete_cluster("stopsome").await.unwrap();
 }
 
 #[tokio::test]

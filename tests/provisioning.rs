@@ -189,6 +189,40 @@ impl Rig {
         }
         counts
     }
+
+    /// Pin another key for the cluster's first host, in the inventory and in
+    /// the run's `allocate` checkpoint (which the steps read): the host's
+    /// real key no longer matches. Returns the host's name.
+    async fn swap_host_key(&self, cluster: Uuid, run: Uuid) -> String {
+        let pool = &self.env.pool;
+        let victim: String = sqlx::query_scalar(
+            "SELECT hostname FROM machines WHERE cluster_id = $1 ORDER BY hostname LIMIT 1",
+        )
+        .bind(cluster)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        let other = PlatformKey::generate().public_line().to_owned();
+        sqlx::query("UPDATE machines SET host_key = $2 WHERE hostname = $1")
+            .bind(&victim)
+            .bind(&other)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE step_checkpoints SET output = (
+                SELECT jsonb_agg(CASE WHEN m->>'hostname' = $2 THEN jsonb_set(m, '{host_key}', to_jsonb($3::text)) ELSE m END)
+                FROM jsonb_array_elements(output) m)
+             WHERE run_id = $1 AND step = 'allocate'",
+        )
+        .bind(run)
+        .bind(&victim)
+        .bind(&other)
+        .execute(pool)
+        .await
+        .unwrap();
+        victim
+    }
 }
 
 impl Drop for Rig {
@@ -422,6 +456,65 @@ async fn an_ambari_request_that_fails_releases_every_machine_and_fails_the_clust
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_services_started_stops_them_deletes_the_cluster_and_releases_every_machine(
+) {
+    if support::skip_without_containers("a_failure_after_the_services_started...") {
+        return;
+    }
+    let mut rig = Rig::new(
+        "prov_late_fail",
+        SimConfig {
+            request_duration: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    rig.all_workers();
+    let (cluster, run) = rig.request_cluster(2).await;
+    // While Ambari installs: the accounts step, after the services have
+    // started, then meets a host key that no longer matches (fatal).
+    rig.env
+        .wait_until("the install to be under way", T, || async {
+            let r = rig.env.run(run).await;
+            r.cursor == 5 && r.state == RunState::Waiting
+        })
+        .await;
+    let victim = rig.swap_host_key(cluster, run).await;
+    let done = rig.env.wait_state(run, DONE, T).await;
+    assert_eq!(done.state, RunState::Failed, "{done:#?}");
+    let error = done.error.unwrap();
+    assert!(
+        error.contains(&victim) && error.to_lowercase().contains("host key"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("manual clean-up"),
+        "every compensation ran: {error}"
+    );
+    let steps = store::steps(&rig.env.pool, run).await.unwrap();
+    let finished = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s.step == name)
+            .is_some_and(|s| s.finished_at.is_some())
+    };
+    assert!(
+        finished("install") && finished("await_started"),
+        "the services had started: {steps:#?}"
+    );
+    let (state, reason) = rig.cluster_state(cluster).await;
+    assert_eq!(state, "failed");
+    assert!(reason.unwrap_or_default().contains(&victim));
+    assert!(!rig
+        .ambari()
+        .cluster_exists(&format!("orrery-{}", cluster.simple()))
+        .await
+        .unwrap());
+    assert_eq!(rig.allocated(cluster).await, 0);
+    assert!(rig.containers().is_empty(), "{:?}", rig.containers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_runs_nothing_there() {
     if support::skip_without_containers("a_changed_host_key...") {
         return;
@@ -436,32 +529,7 @@ async fn a_changed_host_key_fails_the_bootstrap_as_fatal_naming_the_host_and_run
             rig.env.run(run).await.cursor == 1
         })
         .await;
-    let victim: String = sqlx::query_scalar(
-        "SELECT hostname FROM machines WHERE cluster_id = $1 ORDER BY hostname LIMIT 1",
-    )
-    .bind(cluster)
-    .fetch_one(&rig.env.pool)
-    .await
-    .unwrap();
-    let other = PlatformKey::generate().public_line().to_owned();
-    sqlx::query("UPDATE machines SET host_key = $2 WHERE hostname = $1")
-        .bind(&victim)
-        .bind(&other)
-        .execute(&rig.env.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "UPDATE step_checkpoints SET output = (
-            SELECT jsonb_agg(CASE WHEN m->>'hostname' = $2 THEN jsonb_set(m, '{host_key}', to_jsonb($3::text)) ELSE m END)
-            FROM jsonb_array_elements(output) m)
-         WHERE run_id = $1 AND step = 'allocate'",
-    )
-    .bind(run)
-    .bind(&victim)
-    .bind(&other)
-    .execute(&rig.env.pool)
-    .await
-    .unwrap();
+    let victim = rig.swap_host_key(cluster, run).await;
     rig.worker("ssh");
     rig.worker("ambari");
     let done = rig.env.wait_state(run, DONE, T).await;
@@ -515,6 +583,111 @@ async fn an_ssh_command_failing_once_on_one_of_five_hosts_repeats_only_that_host
         let expected = if host.ends_with("-3") { 2 } else { 1 };
         assert_eq!(*n, expected, "bootstrap runs on {host}: {counts:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_the_bootstrap_resumes_and_repeats_only_the_unfinished_host() {
+    if support::skip_without_containers("a_worker_killed_during_the_bootstrap...") {
+        return;
+    }
+    let mut rig = Rig::new(
+        "prov_kill_boot",
+        SimConfig {
+            request_duration: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Every attempt leaves a line in the container; the host whose name ends
+    // in -2 hangs in its first attempt (and never installs from it), so the
+    // worker is killed with the other hosts bootstrapped and this one not.
+    let prelude = format!(
+        "{ANNOUNCE}\necho attempt >> /root/.bootstrap-attempts\n\
+         case \"$(hostname)\" in *-2) [ -e /root/.hung-once ] || {{ touch /root/.hung-once; sleep 300; exit 1; }};; esac"
+    );
+    rig.set("ORRERY_BOOTSTRAP_PRELUDE", &prelude);
+    rig.worker("provision");
+    let ssh_worker = rig.worker("ssh");
+    rig.worker("ambari");
+    let extra = rig.extra.clone();
+    rig.env.spawn_worker_env(&["--scheduler"], &extra);
+    let (cluster, run) = rig.request_cluster(4).await;
+    let pool = rig.env.pool.clone();
+    let bootstrapped = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM item_checkpoints WHERE run_id = $1 AND step_index = 1",
+        )
+        .bind(run)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    rig.env
+        .wait_until("three of four hosts bootstrapped", T, || async {
+            bootstrapped().await == 3
+        })
+        .await;
+    let r = rig.env.run(run).await;
+    assert_eq!(
+        (r.cursor, r.state),
+        (1, RunState::Running),
+        "still in the bootstrap"
+    );
+    rig.env.workers[ssh_worker].child.kill().unwrap();
+    rig.env.workers[ssh_worker].child.wait().unwrap();
+    rig.worker("ssh");
+    let done = rig.env.wait_state(run, DONE, T).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
+    assert_eq!(bootstrapped().await, 4);
+    assert_eq!(rig.cluster_state(cluster).await, ("running".into(), None));
+    // Counted inside the containers, over SSH: the killed attempt's log
+    // lines died with the worker, the containers' files did not.
+    let machines: Vec<(String, String, i32, String)> = sqlx::query_as(
+        "SELECT hostname, address, ssh_port, host_key FROM machines WHERE cluster_id = $1",
+    )
+    .bind(cluster)
+    .fetch_all(&rig.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(machines.len(), 4);
+    let ssh = SshClient::new(rig.key.clone());
+    for (hostname, address, port, host_key) in machines {
+        let target = SshTarget {
+            host: hostname.clone(),
+            address,
+            port: port as u16,
+            host_key,
+        };
+        let session = ssh
+            .connect(&target, &CancellationToken::new())
+            .await
+            .unwrap();
+        let out = session
+            .run(
+                "wc -l < /root/.bootstrap-attempts",
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        session.close().await;
+        let expected = if hostname.ends_with("-2") { "2" } else { "1" };
+        assert_eq!(
+            out.stdout.trim(),
+            expected,
+            "bootstrap attempts on {hostname}"
+        );
+    }
+    let ambari = rig.ambari();
+    let name = format!("orrery-{}", cluster.simple());
+    let requests = ambari.list_requests(&name).await.unwrap();
+    let creations = requests
+        .iter()
+        .filter(|(_, ctx, _)| {
+            ctx.starts_with(orrery_workflows::ambari::client::PROVISION_CONTEXT_PREFIX)
+        })
+        .count();
+    assert_eq!(creations, 1, "one cluster creation request: {requests:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

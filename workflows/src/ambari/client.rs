@@ -466,7 +466,13 @@ impl AmbariClient {
         reason: &str,
     ) -> Result<(), AmbariError> {
         let path = format!("/clusters/{}/requests/{id}", seg(cluster));
-        let status = self.request_status(cluster, id).await?.status;
+        let status = match self.request_status(cluster, id).await {
+            Ok(state) => state.status,
+            // Deleted with its cluster: nothing is left to stop (a repeated
+            // unwinding gets here after its first pass deleted the cluster).
+            Err(AmbariError::Http { status: 404, .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if status.is_finished() {
             return Ok(());
         }
@@ -494,14 +500,42 @@ impl AmbariClient {
         state: ServiceState,
         context: &str,
     ) -> Result<Option<RequestId>, AmbariError> {
+        self.change_services(cluster, None, state, context).await
+    }
+
+    /// [`set_services_state`](Self::set_services_state) for the services
+    /// now in `from` only (Ambari's `ServiceInfo/state=` predicate): stopping
+    /// what runs must not reinstall what failed to install, which asking
+    /// every service for `INSTALLED` would.
+    pub async fn set_services_state_from(
+        &self,
+        cluster: &str,
+        from: ServiceState,
+        state: ServiceState,
+        context: &str,
+    ) -> Result<Option<RequestId>, AmbariError> {
+        self.change_services(cluster, Some(from), state, context)
+            .await
+    }
+
+    async fn change_services(
+        &self,
+        cluster: &str,
+        from: Option<ServiceState>,
+        state: ServiceState,
+        context: &str,
+    ) -> Result<Option<RequestId>, AmbariError> {
         let body = json!({
             "RequestInfo": {"context": context},
             "Body": {"ServiceInfo": {"state": state.as_str()}},
         });
+        let predicate = from.map_or_else(String::new, |f| {
+            format!("?ServiceInfo/state={}", f.as_str())
+        });
         let a = self
             .send(
                 Method::PUT,
-                &format!("/clusters/{}/services", seg(cluster)),
+                &format!("/clusters/{}/services{predicate}", seg(cluster)),
                 Some(&body),
             )
             .await?;

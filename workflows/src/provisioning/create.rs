@@ -84,6 +84,57 @@ pub(crate) async fn follow(
     Ok(Progress::WaitFor(p.poll))
 }
 
+/// Undo a half-made Ambari cluster: abort every request still at work on
+/// it (the creation, a start), stop the services that run and wait for
+/// that, then delete it (Ambari refuses to delete a cluster whose services
+/// run). Safe to repeat: each part finds its work done.
+async fn unwind_ambari_cluster(
+    ctx: &StepCtx,
+    p: &Provisioning,
+    name: &str,
+) -> Result<(), StepError> {
+    let reason = format!("run {} unwinding", ctx.run_id);
+    for (id, _, status) in p.ambari.list_requests(name).await? {
+        if status.is_some_and(|s| s.is_finished()) {
+            continue;
+        }
+        p.ambari.abort_request(name, id, &reason).await?;
+        ctx.log("info", &format!("Ambari request {id} aborted"))
+            .await;
+    }
+    let context = format!("orrery run {} unwinding: stop services", ctx.run_id);
+    let stop = p
+        .ambari
+        .set_services_state_from(
+            name,
+            ServiceState::Started,
+            ServiceState::Installed,
+            &context,
+        )
+        .await?;
+    if let Some(id) = stop {
+        // Bounded by the compensation's timeout (the step's).
+        loop {
+            let state = p.ambari.request_status(name, id).await?;
+            if state.status.is_finished() {
+                if let Some(failure) = state.failure {
+                    ctx.log(
+                        "warning",
+                        &format!("stopping services failed, deleting anyway: {failure}"),
+                    )
+                    .await;
+                }
+                break;
+            }
+            tokio::time::sleep(p.poll).await;
+        }
+    }
+    p.ambari.delete_cluster(name).await?;
+    ctx.log("info", &format!("Ambari cluster {name} deleted"))
+        .await;
+    Ok(())
+}
+
 pub fn create_cluster() -> Workflow {
     Workflow::new("create_cluster", 1)
         .input::<ClusterInput>()
@@ -200,12 +251,11 @@ pub fn create_cluster() -> Workflow {
             .compensate(|ctx: StepCtx, input: ClusterInput| async move {
                 let p = ctx.service::<Provisioning>()?;
                 let name = cluster::ambari_name(input.cluster_id);
-                let requested: Option<Requested> = ctx.output("create").ok();
-                if let Some(id) = requested.and_then(|r| r.request_id) {
-                    p.ambari.abort_request(&name, id, &format!("run {} unwinding", ctx.run_id)).await?;
-                    ctx.log("info", &format!("Ambari request {id} aborted")).await;
+                // Whatever the checkpoints say: the creation request may
+                // have been sent by an attempt that never checkpointed it.
+                if p.ambari.cluster_exists(&name).await? {
+                    unwind_ambari_cluster(&ctx, &p, &name).await?;
                 }
-                p.ambari.delete_cluster(&name).await?;
                 let machines: Vec<Machine> = ctx.output("allocate").unwrap_or_default();
                 for host in hostnames(&machines) {
                     p.ambari.delete_host(&host).await?;

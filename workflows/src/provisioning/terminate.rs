@@ -29,7 +29,12 @@ pub fn terminate_cluster() -> Workflow {
                     return Ok::<_, StepError>(Requested { request_id: None });
                 }
                 let context = format!("orrery run {} stop services", ctx.run_id);
-                let id = p.ambari.set_services_state(&name, ServiceState::Installed, &context).await?;
+                // Only what runs: asking every service for INSTALLED would
+                // reinstall those that failed to install.
+                let id = p
+                    .ambari
+                    .set_services_state_from(&name, ServiceState::Started, ServiceState::Installed, &context)
+                    .await?;
                 Ok(Requested { request_id: id })
             })
             .retry(remote_retry())
