@@ -190,6 +190,65 @@ impl Rig {
         counts
     }
 
+    /// Whether `user` has a UNIX account on each node of `cluster` (by
+    /// hostname), asked over SSH.
+    async fn accounts_on_nodes(&self, cluster: Uuid, user: &str) -> Vec<bool> {
+        let machines: Vec<(String, String, i32, String)> = sqlx::query_as(
+            "SELECT hostname, address, ssh_port, host_key FROM machines
+             WHERE cluster_id = $1 ORDER BY hostname",
+        )
+        .bind(cluster)
+        .fetch_all(&self.env.pool)
+        .await
+        .unwrap();
+        let ssh = SshClient::new(self.key.clone());
+        let mut found = Vec::new();
+        for (host, address, port, host_key) in machines {
+            let target = SshTarget {
+                host,
+                address,
+                port: port as u16,
+                host_key,
+            };
+            let session = ssh
+                .connect(&target, &CancellationToken::new())
+                .await
+                .unwrap();
+            let out = session
+                .run(
+                    &format!("id -nG {user} 2>/dev/null || echo none"),
+                    Duration::from_secs(10),
+                    &CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+            session.close().await;
+            found.push(out.stdout.contains("hadoop"));
+        }
+        found
+    }
+
+    /// Whether `user` holds a privilege on the Ambari cluster, read from the
+    /// emulator's REST API as a client of Ambari would.
+    async fn ambari_privileged(&self, cluster: &str, user: &str) -> bool {
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "{}/api/v1/clusters/{cluster}/privileges?fields=PrivilegeInfo/*",
+                self.sim.url()
+            ))
+            .basic_auth("admin", Some("admin"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["items"].as_array().unwrap().iter().any(|i| {
+            i["PrivilegeInfo"]["principal_name"] == user
+                && i["PrivilegeInfo"]["principal_type"] == "USER"
+        })
+    }
+
     /// Pin another key for the cluster's first host, in the inventory and in
     /// the run's `allocate` checkpoint (which the steps read): the host's
     /// real key no longer matches. Returns the host's name.
@@ -732,6 +791,23 @@ async fn a_worker_killed_during_the_install_resumes_polling_the_same_ambari_requ
         })
         .count();
     assert_eq!(creations, 1, "one cluster creation request: {requests:?}");
+    // The resumed install followed the request the killed worker had
+    // checkpointed, which is that one creation request.
+    let steps = store::steps(&rig.env.pool, run).await.unwrap();
+    let output = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s.step == name)
+            .and_then(|s| s.output.clone())
+            .unwrap_or_default()
+    };
+    let created = output("create")["request_id"].as_u64().unwrap();
+    assert_eq!(output("install")["request_id"].as_u64(), Some(created));
+    let creation = ambari
+        .creation_request(&format!("orrery-{}", cluster.simple()))
+        .await
+        .unwrap();
+    assert_eq!(creation, created);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -926,7 +1002,7 @@ async fn the_inventory_reconciler_reclaims_forgotten_containers_and_flags_vanish
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_requested_through_the_rest_api_runs_grants_a_user_and_terminates() {
+async fn a_cluster_requested_through_the_rest_api_runs_grants_and_revokes_a_user_and_terminates() {
     if support::skip_without_containers("a_cluster_requested_through_the_rest_api...") {
         return;
     }
@@ -1043,33 +1119,41 @@ async fn a_cluster_requested_through_the_rest_api_runs_grants_a_user_and_termina
         .unwrap();
     assert_eq!(dave["state"], "active", "{shown}");
     let id: Uuid = cluster.parse().unwrap();
-    let (hostname, address, port, host_key): (String, String, i32, String) = sqlx::query_as(
-        "SELECT hostname, address, ssh_port, host_key FROM machines WHERE cluster_id = $1 LIMIT 1",
+    let ambari_name = format!("orrery-{}", id.simple());
+    assert_eq!(rig.accounts_on_nodes(id, "dave").await, [true, true]);
+    assert!(rig.ambari_privileged(&ambari_name, "dave").await);
+
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("/v1/clusters/{cluster}/users/dave"),
+        None,
     )
-    .bind(id)
-    .fetch_one(&rig.env.pool)
-    .await
-    .unwrap();
-    let target = SshTarget {
-        host: hostname,
-        address,
-        port: port as u16,
-        host_key,
-    };
-    let session = SshClient::new(rig.key.clone())
-        .connect(&target, &CancellationToken::new())
-        .await
-        .unwrap();
-    let out = session
-        .run(
-            "id -nG dave",
-            Duration::from_secs(10),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-    assert!(out.stdout.contains("hadoop"), "{out:?}");
-    session.close().await;
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        wait_task(body["id"].as_str().unwrap().to_owned())
+            .await
+            .state,
+        RunState::Succeeded
+    );
+    let (_, shown) = call(
+        reqwest::Method::GET,
+        format!("/v1/clusters/{cluster}"),
+        None,
+    )
+    .await;
+    let dave = shown["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "dave")
+        .cloned();
+    assert!(dave.is_none_or(|d| d["state"] == "removed"), "{shown}");
+    assert_eq!(rig.accounts_on_nodes(id, "dave").await, [false, false]);
+    assert!(!rig.ambari_privileged(&ambari_name, "dave").await);
+    // The owner keeps everything.
+    assert_eq!(rig.accounts_on_nodes(id, "carol").await, [true, true]);
+    assert!(rig.ambari_privileged(&ambari_name, "carol").await);
 
     let (status, body) = call(
         reqwest::Method::DELETE,
