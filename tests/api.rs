@@ -1362,6 +1362,42 @@ async fn a_callback_that_fails_twice_is_delivered_once_it_succeeds_signed_and_it
         now,
         300
     ));
+
+    // Routes without a body take their callback in the query; a bad one is
+    // refused naming it, and nothing is started.
+    let cluster: Uuid = t.body["cluster_id"].as_str().unwrap().parse().unwrap();
+    api.delete(
+        &format!("/v1/clusters/{cluster}?callback_url=gopher://x"),
+        &alice,
+    )
+    .await
+    .assert_problem(422, Some("callback_url"));
+    api.delete(&format!("/v1/clusters/{cluster}?callbak=x"), &alice)
+        .await
+        .assert_problem(400, None);
+    let (url, seen) = flaky_endpoint(0).await;
+    let r = api
+        .delete(
+            &format!("/v1/clusters/{cluster}?callback_url={url}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let terminate: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    api.wait_task(&alice, terminate, "succeeded").await;
+    api.env
+        .wait_until("the termination's callback", T, || async {
+            api.get(&format!("/v1/tasks/{terminate}"), &alice)
+                .await
+                .body["callbacks"][0]["state"]
+                == "delivered"
+        })
+        .await;
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let event: Value = serde_json::from_str(&requests[0].2).unwrap();
+    assert_eq!(event["task"]["id"], terminate.to_string());
+    assert_eq!(event["task"]["kind"], "terminate_cluster");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

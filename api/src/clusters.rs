@@ -217,6 +217,7 @@ pub async fn terminate(
     app: &App,
     caller: &Caller,
     id: Uuid,
+    callback_url: Option<&str>,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
     let mut tx = app.pool.begin().await?;
@@ -234,7 +235,7 @@ pub async fn terminate(
         workflow: &app.config.workflows.terminate,
         input: json!({ "cluster_id": id }),
         cluster_id: Some(id),
-        callback_url: None,
+        callback_url,
     };
     let submitted = match submit::record_or_existing(&mut tx, app, caller, task, idem).await? {
         Ok(s) => s,
@@ -253,6 +254,7 @@ pub async fn add_user(
     caller: &Caller,
     id: Uuid,
     username: &str,
+    callback_url: Option<&str>,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
     let mut tx = app.pool.begin().await?;
@@ -296,7 +298,16 @@ pub async fn add_user(
             "{username} already has an account on cluster {id} (or one is being added or removed)"
         )));
     }
-    user_task(app, tx, caller, id, username, "grant_user", idem).await
+    user_task(
+        app,
+        tx,
+        caller,
+        (id, username),
+        "grant_user",
+        callback_url,
+        idem,
+    )
+    .await
 }
 
 pub async fn remove_user(
@@ -304,6 +315,7 @@ pub async fn remove_user(
     caller: &Caller,
     id: Uuid,
     username: &str,
+    callback_url: Option<&str>,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
     let mut tx = app.pool.begin().await?;
@@ -345,16 +357,25 @@ pub async fn remove_user(
         .bind(username)
         .execute(&mut *tx)
         .await?;
-    user_task(app, tx, caller, id, username, "revoke_user", idem).await
+    user_task(
+        app,
+        tx,
+        caller,
+        (id, username),
+        "revoke_user",
+        callback_url,
+        idem,
+    )
+    .await
 }
 
 async fn user_task(
     app: &App,
     mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
     caller: &Caller,
-    id: Uuid,
-    username: &str,
+    (id, username): (Uuid, &str),
     kind: &str,
+    callback_url: Option<&str>,
     idem: Option<&Idempotency>,
 ) -> ApiResult<Submitted> {
     let workflow = if kind == "grant_user" {
@@ -367,7 +388,7 @@ async fn user_task(
         workflow,
         input: json!({ "cluster_id": id, "username": username }),
         cluster_id: Some(id),
-        callback_url: None,
+        callback_url,
     };
     let submitted = match submit::record_or_existing(&mut tx, app, caller, task, idem).await? {
         Ok(s) => s,
@@ -613,19 +634,39 @@ pub async fn show_handler(
     Ok(Json(show(&state.0, &caller, id).await?))
 }
 
+/// The query of the task-creating routes without a body (`DELETE`s): where
+/// to call back when the task ends, as `callback_url` does in bodies.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackQuery {
+    #[serde(default)]
+    pub callback_url: Option<String>,
+}
+
+impl CallbackQuery {
+    fn validated(&self) -> ApiResult<Option<&str>> {
+        if let Some(url) = &self.callback_url {
+            validate_callback(url)?;
+        }
+        Ok(self.callback_url.as_deref())
+    }
+}
+
 pub async fn terminate_handler(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<CallbackQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "cluster")?;
+    let callback = q.validated()?;
     let idem = Idempotency::new(
         idempotency_key(&headers)?,
         &format!("DELETE /v1/clusters/{id}"),
-        &Value::Null,
+        &serde_json::to_value(&q).unwrap_or_default(),
     );
-    let s = terminate(&state.0, &caller, id, idem.as_ref()).await?;
+    let s = terminate(&state.0, &caller, id, callback, idem.as_ref()).await?;
     Ok(submit::accepted(&s))
 }
 
@@ -634,6 +675,9 @@ pub async fn terminate_handler(
 #[serde(deny_unknown_fields)]
 pub struct AddUser {
     pub username: String,
+    /// Called (signed, retried) when the task ends.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 pub async fn add_user_handler(
@@ -649,7 +693,18 @@ pub async fn add_user_handler(
         &format!("POST /v1/clusters/{id}/users"),
         &serde_json::to_value(&req).unwrap_or_default(),
     );
-    let s = add_user(&state.0, &caller, id, &req.username, idem.as_ref()).await?;
+    if let Some(url) = &req.callback_url {
+        validate_callback(url)?;
+    }
+    let s = add_user(
+        &state.0,
+        &caller,
+        id,
+        &req.username,
+        req.callback_url.as_deref(),
+        idem.as_ref(),
+    )
+    .await?;
     Ok(submit::accepted(&s))
 }
 
@@ -658,14 +713,16 @@ pub async fn remove_user_handler(
     caller: Caller,
     headers: HeaderMap,
     Path((id, username)): Path<(String, String)>,
+    Query(q): Query<CallbackQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "cluster")?;
+    let callback = q.validated()?;
     let idem = Idempotency::new(
         idempotency_key(&headers)?,
         &format!("DELETE /v1/clusters/{id}/users/{username}"),
-        &Value::Null,
+        &serde_json::to_value(&q).unwrap_or_default(),
     );
-    let s = remove_user(&state.0, &caller, id, &username, idem.as_ref()).await?;
+    let s = remove_user(&state.0, &caller, id, &username, callback, idem.as_ref()).await?;
     Ok(submit::accepted(&s))
 }
 

@@ -211,7 +211,7 @@ pub async fn terminate(
     Path(id): Path<String>,
 ) -> CResult<Json<Value>> {
     let id = parse_id(&id, "cluster")?;
-    clusters::terminate(&state.0, &caller, id, None).await?;
+    clusters::terminate(&state.0, &caller, id, None, None).await?;
     Ok(Json(
         json!({ "message": format!("Terminating cluster {id}") }),
     ))
@@ -231,7 +231,7 @@ pub async fn add_user(
 ) -> CResult<Json<Value>> {
     let id = parse_id(&id, "cluster")?;
     let req: UserBody = parse_json(&body)?;
-    clusters::add_user(&state.0, &caller, id, &req.user, None)
+    clusters::add_user(&state.0, &caller, id, &req.user, None, None)
         .await
         .map_err(|mut e| {
             if e.field.as_deref() == Some("username") {
@@ -252,7 +252,7 @@ pub async fn remove_user(
 ) -> CResult<Json<Value>> {
     let id = parse_id(&id, "cluster")?;
     let req: UserBody = parse_json(&body)?;
-    clusters::remove_user(&state.0, &caller, id, &req.user, None).await?;
+    clusters::remove_user(&state.0, &caller, id, &req.user, None, None).await?;
     Ok(Json(
         json!({ "message": format!("Removing user {} from cluster {id}", req.user) }),
     ))

@@ -278,7 +278,7 @@ fn schemas() -> Value {
                 "callback_url": { "type": "string", "format": "uri" },
             },
         },
-        "AddUser": { "type": "object", "additionalProperties": false, "required": ["username"], "properties": { "username": s("string") } },
+        "AddUser": { "type": "object", "additionalProperties": false, "required": ["username"], "properties": { "username": s("string"), "callback_url": { "type": "string", "format": "uri" } } },
         "KeyRequest": { "type": "object", "additionalProperties": false, "properties": { "name": s("string") } },
         "SshKeyRequest": { "type": "object", "additionalProperties": false, "required": ["public_key"], "properties": { "public_key": s("string"), "name": s("string") } },
         "Reason": { "type": "object", "additionalProperties": false, "required": ["reason"], "properties": { "reason": s("string") } },
@@ -329,6 +329,13 @@ pub fn document() -> Value {
                 "name": "Idempotency-Key", "in": "header", "required": false, "schema": { "type": "string", "maxLength": 255 },
                 "description": "Resubmitting with the same key returns the same task and creates nothing."
             })]].concat());
+            if body.is_none() {
+                // Task-creating routes without a body take their callback in the query.
+                op["parameters"].as_array_mut().expect("set above").push(json!({
+                    "name": "callback_url", "in": "query", "required": false, "schema": { "type": "string", "format": "uri" },
+                    "description": "Called (HMAC-signed, retried until it answers 2xx) when the task ends."
+                }));
+            }
             op["responses"]["202"] = json!({
                 "description": "accepted; follow Location",
                 "headers": { "Location": { "schema": { "type": "string" } } },
