@@ -538,17 +538,71 @@ async fn users_see_and_act_only_on_their_own_and_their_groups_shared_clusters() 
         .await
         .assert_problem(409, None);
 
-    // Operator routes are for operators; operators see everything.
-    api.get("/v1/admin/runs", &alice)
+    // Once running, the shared cluster can be changed by its group: Bob adds
+    // and removes an account and terminates it; Carol can do none of it.
+    sqlx::query("UPDATE clusters SET state = 'running' WHERE id = $1")
+        .bind(shared)
+        .execute(&api.env.pool)
         .await
-        .assert_problem(403, None);
-    api.post(
-        "/v1/admin/runs/cancel",
-        &alice,
-        json!({ "filter": { "state": "queued" }, "reason": "x" }),
-    )
-    .await
-    .assert_problem(403, None);
+        .unwrap();
+    let users_path = format!("/v1/clusters/{shared}/users");
+    api.post(&users_path, &carol, json!({ "username": "carol" }))
+        .await
+        .assert_problem(404, None);
+    api.delete(&format!("{users_path}/bob"), &carol)
+        .await
+        .assert_problem(404, None);
+    api.delete(&format!("/v1/clusters/{shared}"), &carol)
+        .await
+        .assert_problem(404, None);
+    sqlx::query("UPDATE cluster_users SET state = 'active' WHERE cluster_id = $1")
+        .bind(shared)
+        .execute(&api.env.pool)
+        .await
+        .unwrap();
+    let removed = api.delete(&format!("{users_path}/bob"), &bob).await;
+    assert_eq!(removed.status, StatusCode::ACCEPTED, "{}", removed.body);
+    let terminated = api.delete(&format!("/v1/clusters/{shared}"), &bob).await;
+    assert_eq!(
+        terminated.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        terminated.body
+    );
+    assert_eq!(
+        api.get(&format!("/v1/clusters/{shared}"), &alice)
+            .await
+            .body["state"],
+        "terminating"
+    );
+
+    // Operator routes are for operators, every one of them, whatever the
+    // body; operators see everything.
+    let any_id = Uuid::new_v4();
+    let mut admin_routes = 0;
+    for (method, path, ..) in orrery_api::openapi::OPERATIONS {
+        if !path.starts_with("/v1/admin") {
+            continue;
+        }
+        admin_routes += 1;
+        let path = path
+            .replace("{id}", &any_id.to_string())
+            .replace("{name}", "bob");
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let body = (method != Method::GET && method != Method::DELETE)
+            .then(|| json!({ "filter": { "state": "queued" }, "reason": "x", "name": "x" }));
+        let r = api
+            .call(method.clone(), &path, Some(&alice), body, &[])
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path} by a non-operator: {}",
+            r.body
+        );
+        r.assert_problem(403, None);
+    }
+    assert!(admin_routes >= 10, "{admin_routes} operator routes");
     let root = api.user("root", None, true).await;
     assert_eq!(
         api.get(&format!("/v1/clusters/{private}"), &root)
@@ -850,6 +904,39 @@ async fn cluster_users_and_termination_run_as_durable_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_list_pages_through_every_cluster_once_newest_first() {
+    let api = Api::start("api_pages").await;
+    let alice = api.user("alice", None, false).await;
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(
+            api.create(&alice, json!({ "name": format!("p{i}"), "size": 1 }))
+                .await
+                .1,
+        );
+    }
+    made.reverse();
+    let mut seen = Vec::new();
+    let mut path = "/v1/clusters?limit=2".to_owned();
+    for page in 0.. {
+        assert!(page < 5, "the pages do not end: {seen:?}");
+        let r = api.get(&path, &alice).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let items = r.body["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|c| uuid(&c["id"])));
+        match r.body["next"].as_str() {
+            Some(next) => path = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, made, "every cluster once, newest first");
+    let filtered = api.get("/v1/clusters?state=running&limit=2", &alice).await;
+    assert_eq!(filtered.body["items"], json!([]));
+    assert!(filtered.body["next"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_list_cancel_and_replay_runs_alone_and_in_bulk_and_every_action_is_audited() {
     let mut api = Api::start("api_ops").await;
     let alice = api.user("alice", None, false).await;
@@ -880,6 +967,28 @@ async fn operators_list_cancel_and_replay_runs_alone_and_in_bulk_and_every_actio
         api.get("/v1/admin/runs?stuck=true", &root).await.body["items"],
         json!([])
     );
+    // A run past its `stuck_after` (no progress in time) is listed as stuck,
+    // and only it.
+    let t2 = uuid(&by_cluster.body["items"][0]["id"]);
+    let set_stuck_after = |at: &'static str| {
+        let pool = api.env.pool.clone();
+        async move {
+            sqlx::query(&format!("UPDATE runs SET stuck_after = {at} WHERE id = $1"))
+                .bind(t2)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    set_stuck_after("now() - interval '1 second'").await;
+    let stuck = api.get("/v1/admin/runs?stuck=true", &root).await;
+    let items = stuck.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", stuck.body);
+    assert_eq!(uuid(&items[0]["id"]), t2);
+    assert_eq!(items[0]["stuck"], true);
+    let not_stuck = api.get("/v1/admin/runs?stuck=false", &root).await;
+    assert_eq!(not_stuck.body["items"].as_array().unwrap().len(), 2);
+    set_stuck_after("now() + interval '1 hour'").await;
     api.get("/v1/admin/runs?state=sleeping", &root)
         .await
         .assert_problem(422, Some("state"));
@@ -1402,9 +1511,9 @@ async fn a_callback_that_fails_twice_is_delivered_once_it_succeeds_signed_and_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_and_an_openapi_document_covering_every_v1_route() {
-    let api = Api::start("api_meta").await;
+    let mut api = Api::start("api_meta").await;
     let alice = api.user("alice", None, false).await;
-    api.create(&alice, json!({ "name": "m", "size": 1 })).await;
+    let (task, _) = api.create(&alice, json!({ "name": "m", "size": 1 })).await;
     assert_eq!(
         api.call(Method::GET, "/healthz", None, None, &[])
             .await
@@ -1466,6 +1575,38 @@ async fn health_metrics_and_an_openapi_document_covering_every_v1_route() {
     );
     assert!(
         metrics.contains("orrery_clusters{state=\"provisioning\"} 1"),
+        "{metrics}"
+    );
+    // Once the run has worked: its steps' durations, and the states move.
+    api.provision_worker();
+    api.wait_task(&alice, task, "succeeded").await;
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: Vec<(&str, f64)> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("orrery_step_duration_seconds_count{workflow=\"fake.create_cluster\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k, v.parse().unwrap())))
+        .collect();
+    assert!(
+        !counted.is_empty() && counted.iter().all(|(_, n)| *n >= 1.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("orrery_runs{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("orrery_queue_depth{queue=\"provision\"} 0")
+            || !metrics.contains("orrery_queue_depth{queue=\"provision\"}"),
         "{metrics}"
     );
     let _ = &api.app;
