@@ -157,7 +157,11 @@ impl TestEnv {
         let index = self.workers.len();
         let log = self.dir.join(format!("worker-{index}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_orrery-worker"))
+        // Defined for the tests of the package that builds the binary
+        // (orrery-workers); the command-line tests start none.
+        let bin = option_env!("CARGO_BIN_EXE_orrery-worker")
+            .expect("worker processes are started by orrery-workers' tests only");
+        let child = Command::new(bin)
             .args(args)
             .env("ORRERY_DATABASE_URL", &self.db_url)
             .env("ORRERY_REDIS_URL", &self.redis_url)
