@@ -159,8 +159,9 @@ impl TestEnv {
         let file = std::fs::File::create(&log).unwrap();
         // Defined for the tests of the package that builds the binary
         // (orrery-workers); the command-line tests start none.
-        let bin = option_env!("CARGO_BIN_EXE_orrery-worker")
-            .expect("worker processes are started by orrery-workers' tests only");
+        let Some(bin) = option_env!("CARGO_BIN_EXE_orrery-worker") else {
+            panic!("worker processes are started by orrery-workers' tests only");
+        };
         let child = Command::new(bin)
             .args(args)
             .env("ORRERY_DATABASE_URL", &self.db_url)
