@@ -1282,6 +1282,98 @@ async fn the_cosmos_api_serves_the_original_shapes_with_basic_keys() {
     assert_eq!(info["clusters"]["owned"], json!([id]));
     let (_, _, v1) = (0, 0, api.get(&format!("/v1/clusters/{id}"), &token).await);
     assert_eq!(v1.body["name"], "legacy");
+
+    // Once running: the nodes in the original shape, then users added and
+    // removed and the cluster terminated, each answered 200.
+    api.user("bob", None, false).await;
+    let cluster: Uuid = id.parse().unwrap();
+    sqlx::query("UPDATE clusters SET state = 'running' WHERE id = $1")
+        .bind(cluster)
+        .execute(&api.env.pool)
+        .await
+        .unwrap();
+    for (i, host) in ["legacy-1", "legacy-2"].iter().enumerate() {
+        sqlx::query("INSERT INTO machines (id, provider, hostname, address, host_key, state, cluster_id) VALUES ($1, 'local', $2, $3, 'k', 'allocated', $4)")
+            .bind(Uuid::new_v4())
+            .bind(host)
+            .bind(format!("10.1.0.{}", i + 1))
+            .bind(cluster)
+            .execute(&api.env.pool)
+            .await
+            .unwrap();
+    }
+    let (_, _, one) = call(
+        Method::GET,
+        &format!("/cluster/{id}"),
+        None,
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(
+        one["master"],
+        json!({ "hostname": "legacy-1", "ipAddress": "10.1.0.1" }),
+        "{one}"
+    );
+    assert_eq!(
+        one["slaves"],
+        json!([{ "hostname": "legacy-2", "ipAddress": "10.1.0.2" }]),
+        "{one}"
+    );
+    // The cluster was requested before jsmith had a key.
+    assert!(
+        one["users"][0].as_object().unwrap()["sshPublicKey"].is_null(),
+        "{one}"
+    );
+    assert_eq!(one["users"][0]["isSudoer"], true, "{one}");
+    let (s, _, body) = call(
+        Method::POST,
+        &format!("/cluster/{id}/add_user"),
+        Some(json!({ "user": "bob" })),
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _, body) = call(
+        Method::POST,
+        &format!("/cluster/{id}/add_user"),
+        Some(json!({ "user": "nobody" })),
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("nobody"),
+        "{body}"
+    );
+    sqlx::query("UPDATE cluster_users SET state = 'active' WHERE cluster_id = $1")
+        .bind(cluster)
+        .execute(&api.env.pool)
+        .await
+        .unwrap();
+    let (s, _, body) = call(
+        Method::POST,
+        &format!("/cluster/{id}/remove_user"),
+        Some(json!({ "user": "bob" })),
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _, body) = call(
+        Method::POST,
+        &format!("/cluster/{id}/terminate"),
+        None,
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, _, one) = call(
+        Method::GET,
+        &format!("/cluster/{id}"),
+        None,
+        Some(basic.clone()),
+    )
+    .await;
+    assert_eq!(one["state"], "terminating", "{one}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,11 +117,21 @@ pub async fn list(
     State(state): State<AppState>,
     CosmosCaller(caller): CosmosCaller,
 ) -> CResult<Json<Value>> {
-    let q = clusters::ListQuery {
+    // The original API answered every cluster in one list; so do we, a
+    // page of /v1's at a time.
+    let mut q = clusters::ListQuery {
         limit: Some(200),
         ..Default::default()
     };
-    let (items, _) = clusters::list(&state.0, &caller, &q).await?;
+    let mut items = Vec::new();
+    loop {
+        let (page, next) = clusters::list(&state.0, &caller, &q).await?;
+        q.after = page.last().map(|c| c.id);
+        items.extend(page);
+        if next.is_none() {
+            break;
+        }
+    }
     Ok(Json(
         json!({ "clusters": items.iter().map(summary).collect::<Vec<_>>() }),
     ))
