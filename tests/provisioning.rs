@@ -1070,106 +1070,75 @@ async fn a_cluster_requested_through_the_rest_api_runs_grants_and_revokes_a_user
         let env = &rig.env;
         async move { env.wait_state(task.parse().unwrap(), DONE, T).await }
     };
+    // A task-creating call: answered 202, its task run to success; then the
+    // cluster as `GET` shows it.
+    let act = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let (call, wait_task) = (&call, &wait_task);
+        async move {
+            let (status, body) = call(method, path, body).await;
+            assert_eq!(status, 202, "{body}");
+            let done = wait_task(body["id"].as_str().unwrap().to_owned()).await;
+            assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
+            let cluster = done.input["cluster_id"].as_str().unwrap().to_owned();
+            let (status, shown) = call(
+                reqwest::Method::GET,
+                format!("/v1/clusters/{cluster}"),
+                None,
+            )
+            .await;
+            assert_eq!(status, 200);
+            shown
+        }
+    };
+    let user = |shown: &serde_json::Value, name: &str| {
+        shown["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["username"] == name)
+            .cloned()
+    };
 
-    let (status, body) = call(
+    let shown = act(
         reqwest::Method::POST,
         "/v1/clusters".into(),
         Some(json!({ "name": "api", "size": 2 })),
     )
     .await;
-    assert_eq!(status, 202, "{body}");
-    let cluster = body["cluster_id"].as_str().unwrap().to_owned();
-    let done = wait_task(body["id"].as_str().unwrap().to_owned()).await;
-    assert_eq!(done.state, RunState::Succeeded, "{done:#?}");
-    let (status, shown) = call(
-        reqwest::Method::GET,
-        format!("/v1/clusters/{cluster}"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    let cluster = shown["id"].as_str().unwrap().to_owned();
     assert_eq!(shown["state"], "running", "{shown}");
     assert_eq!(shown["nodes"].as_array().unwrap().len(), 2, "{shown}");
 
-    let (status, body) = call(
+    let shown = act(
         reqwest::Method::POST,
         format!("/v1/clusters/{cluster}/users"),
         Some(json!({ "username": "dave" })),
     )
     .await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        wait_task(body["id"].as_str().unwrap().to_owned())
-            .await
-            .state,
-        RunState::Succeeded
-    );
-    let (_, shown) = call(
-        reqwest::Method::GET,
-        format!("/v1/clusters/{cluster}"),
-        None,
-    )
-    .await;
-    let dave = shown["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == "dave")
-        .cloned()
-        .unwrap();
-    assert_eq!(dave["state"], "active", "{shown}");
+    assert_eq!(user(&shown, "dave").unwrap()["state"], "active", "{shown}");
     let id: Uuid = cluster.parse().unwrap();
     let ambari_name = format!("orrery-{}", id.simple());
     assert_eq!(rig.accounts_on_nodes(id, "dave").await, [true, true]);
     assert!(rig.ambari_privileged(&ambari_name, "dave").await);
 
-    let (status, body) = call(
+    let shown = act(
         reqwest::Method::DELETE,
         format!("/v1/clusters/{cluster}/users/dave"),
         None,
     )
     .await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        wait_task(body["id"].as_str().unwrap().to_owned())
-            .await
-            .state,
-        RunState::Succeeded
+    assert!(
+        user(&shown, "dave").is_none_or(|d| d["state"] == "removed"),
+        "{shown}"
     );
-    let (_, shown) = call(
-        reqwest::Method::GET,
-        format!("/v1/clusters/{cluster}"),
-        None,
-    )
-    .await;
-    let dave = shown["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == "dave")
-        .cloned();
-    assert!(dave.is_none_or(|d| d["state"] == "removed"), "{shown}");
     assert_eq!(rig.accounts_on_nodes(id, "dave").await, [false, false]);
     assert!(!rig.ambari_privileged(&ambari_name, "dave").await);
     // The owner keeps everything.
     assert_eq!(rig.accounts_on_nodes(id, "carol").await, [true, true]);
     assert!(rig.ambari_privileged(&ambari_name, "carol").await);
 
-    let (status, body) = call(
+    let shown = act(
         reqwest::Method::DELETE,
-        format!("/v1/clusters/{cluster}"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        wait_task(body["id"].as_str().unwrap().to_owned())
-            .await
-            .state,
-        RunState::Succeeded
-    );
-    let (_, shown) = call(
-        reqwest::Method::GET,
         format!("/v1/clusters/{cluster}"),
         None,
     )
