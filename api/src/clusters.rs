@@ -104,7 +104,10 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn validate_callback(url: &str) -> Result<(), ApiError> {
+/// A task's optional `callback_url`, checked: an http or https URL of at
+/// most 2048 characters (every task-creating route takes one).
+pub fn validate_callback(url: Option<&str>) -> ApiResult<Option<&str>> {
+    let Some(url) = url else { return Ok(None) };
     let parsed = reqwest::Url::parse(url).map_err(|e| {
         ApiError::invalid("callback_url", format!("`callback_url` is not a URL: {e}"))
     })?;
@@ -114,7 +117,7 @@ pub fn validate_callback(url: &str) -> Result<(), ApiError> {
             "`callback_url` must be an http or https URL of at most 2048 characters",
         ));
     }
-    Ok(())
+    Ok(Some(url))
 }
 
 pub fn validate(req: &CreateCluster, max_size: i64) -> ApiResult<ClusterSpec> {
@@ -144,9 +147,7 @@ pub fn validate(req: &CreateCluster, max_size: i64) -> ApiResult<ClusterSpec> {
             ));
         }
     }
-    if let Some(url) = &req.callback_url {
-        validate_callback(url)?;
-    }
+    validate_callback(req.callback_url.as_deref())?;
     Ok(ClusterSpec {
         name: req.name.clone(),
         size: req.size as i32,
@@ -643,15 +644,6 @@ pub struct CallbackQuery {
     pub callback_url: Option<String>,
 }
 
-impl CallbackQuery {
-    fn validated(&self) -> ApiResult<Option<&str>> {
-        if let Some(url) = &self.callback_url {
-            validate_callback(url)?;
-        }
-        Ok(self.callback_url.as_deref())
-    }
-}
-
 pub async fn terminate_handler(
     State(state): State<AppState>,
     caller: Caller,
@@ -660,7 +652,7 @@ pub async fn terminate_handler(
     Query(q): Query<CallbackQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "cluster")?;
-    let callback = q.validated()?;
+    let callback = validate_callback(q.callback_url.as_deref())?;
     let idem = Idempotency::new(
         idempotency_key(&headers)?,
         &format!("DELETE /v1/clusters/{id}"),
@@ -693,15 +685,13 @@ pub async fn add_user_handler(
         &format!("POST /v1/clusters/{id}/users"),
         &serde_json::to_value(&req).unwrap_or_default(),
     );
-    if let Some(url) = &req.callback_url {
-        validate_callback(url)?;
-    }
+    let callback = validate_callback(req.callback_url.as_deref())?;
     let s = add_user(
         &state.0,
         &caller,
         id,
         &req.username,
-        req.callback_url.as_deref(),
+        callback,
         idem.as_ref(),
     )
     .await?;
@@ -716,7 +706,7 @@ pub async fn remove_user_handler(
     Query(q): Query<CallbackQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "cluster")?;
-    let callback = q.validated()?;
+    let callback = validate_callback(q.callback_url.as_deref())?;
     let idem = Idempotency::new(
         idempotency_key(&headers)?,
         &format!("DELETE /v1/clusters/{id}/users/{username}"),

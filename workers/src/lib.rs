@@ -183,6 +183,3 @@ pub fn shutdown_on_signals() -> CancellationToken {
     });
     token
 }
-
-#[cfg(test)]
-mod tests {}

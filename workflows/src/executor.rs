@@ -545,10 +545,9 @@ impl Engine {
 
     /// Claim through the claimer, asking again while the database cannot be
     /// reached (see [`Outage`]), so a dispatch that arrives during an outage
-    /// runs once it ends instead of waiting for the reconciler. (A claim
-    /// whose commit happened but whose answer was lost finds the run leased
-    /// to this worker and gives it up; the lease expires and the run is
-    /// dispatched again.)
+    /// runs once it ends instead of waiting for the reconciler. Every send
+    /// carries the same claim id, so a claim whose commit happened but whose
+    /// answer was lost gets its run on the next send.
     async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
         let mut outage = Outage::new(self.config.lease);
         // One id for every send of this claim (see `Claimer::claim`).
