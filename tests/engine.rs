@@ -1151,6 +1151,172 @@ async fn bad_input_never_crashes_a_worker() {
     assert_eq!(before, after, "refused submissions write nothing");
 }
 
+/// apalis-redis 1.0 files every push in the queue's scheduled set, and its
+/// fetch moves every due entry to the active list with one Lua `unpack`,
+/// which fails past about 8,000 values: a backlog that size failed every
+/// fetch of the queue for good (found with `orrery-bench --runs 8000`). The
+/// engine's own pushes leave no such backlog, and one left by apalis alone
+/// (a pusher that died before promoting it, an older version) is moved
+/// before the consumer's first fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_past_the_lua_unpack_limit_does_not_wedge_the_queue() {
+    use apalis::prelude::TaskSink;
+    use orrery_workflows::dispatch::{queue_config, Dispatch};
+
+    let mut env = TestEnv::new("backlog").await;
+    let config = queue_config(&env.namespace, "alpha");
+    let redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (scheduled, active) = (config.scheduled_jobs_set(), config.active_jobs_list());
+    let sizes = move || {
+        let (scheduled, active) = (scheduled.clone(), active.clone());
+        let mut redis = redis.clone();
+        async move {
+            let s: usize = redis::cmd("ZCARD")
+                .arg(&scheduled)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            let a: usize = redis::cmd("LLEN")
+                .arg(&active)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            (s, a)
+        }
+    };
+
+    // Through the engine: a real run, then 1,500 dispatches of runs that do
+    // not exist (more than one push chunk). All wait in the active list.
+    let id = env.submit("test.chain", json!({})).await;
+    let ghosts: Vec<Uuid> = (0..1500).map(|_| Uuid::new_v4()).collect();
+    env.rt
+        .engine
+        .dispatcher
+        .dispatch_many("alpha", &ghosts)
+        .await
+        .unwrap();
+    assert_eq!(
+        sizes().await,
+        (0, 1501),
+        "(scheduled, active) after the engine's pushes"
+    );
+
+    // Through apalis alone: 9,000 more stay in its scheduled set.
+    let conn = apalis_redis::connect(env.redis_url.as_str()).await.unwrap();
+    let mut raw = apalis_redis::RedisStorage::<Dispatch>::new(conn).with_config(config.clone());
+    raw.push_bulk(
+        (0..9000)
+            .map(|_| Dispatch {
+                run_id: Uuid::new_v4(),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sizes().await,
+        (9000, 1501),
+        "(scheduled, active) after apalis' push"
+    );
+
+    let worker = env.spawn_worker(&["--queues", "alpha"]);
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    env.wait_until(
+        "the whole backlog to be fetched",
+        Duration::from_secs(90),
+        || {
+            let now = sizes();
+            async move { now.await == (0, 0) }
+        },
+    )
+    .await;
+    let log = env.workers[worker].log_text();
+    assert!(
+        log.contains("moved=9000"),
+        "the consumer moved the backlog first: {log}"
+    );
+    assert!(
+        !log.contains("apalis worker failed"),
+        "no fetch failed: {log}"
+    );
+}
+
+/// While a queue has a backlog its runs wait in Redis past
+/// `redispatch_after`; the reconciler must not push them again and again
+/// (before, each of 30 waiting runs was pushed once more per pass). A run
+/// whose dispatch was lost before the backlog formed (committed, never
+/// pushed) is still sent, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_with_a_backlog_is_not_flooded_with_duplicate_dispatches() {
+    let mut env = TestEnv::new("backlog_redispatch").await;
+    let active =
+        orrery_workflows::dispatch::queue_config(&env.namespace, "alpha").active_jobs_list();
+    let redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let listed = || {
+        let (active, mut redis) = (active.clone(), redis.clone());
+        async move {
+            redis::cmd("LLEN")
+                .arg(&active)
+                .query_async::<usize>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    // Committed but never pushed, like a submitter that died in between,
+    // 10 s before the backlog.
+    let lost = NewRun {
+        id: Uuid::new_v4(),
+        workflow: "test.chain".into(),
+        workflow_version: 1,
+        input: json!({}),
+        queue: "alpha".into(),
+        created_by: None,
+        stuck_in: Duration::from_secs(60),
+    };
+    store::insert_run(&mut env.pool.acquire().await.unwrap(), &lost)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET dispatched_at = now() - interval '10 seconds' WHERE id = $1")
+        .bind(lost.id)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut ids = vec![lost.id];
+    for _ in 0..30 {
+        ids.push(env.submit("test.chain", json!({})).await);
+    }
+    assert_eq!(listed().await, 30);
+    // No consumer of `alpha`; the scheduler re-dispatches (1 s
+    // `redispatch_after`, a pass every 200 ms in tests).
+    env.spawn_worker(&["--scheduler"]);
+    env.wait_until("the lost dispatch to be sent", T, || {
+        let now = listed();
+        async move { now.await > 30 }
+    })
+    .await;
+    // Three times `redispatch_after` later: nothing was sent twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        listed().await,
+        31,
+        "the 30 waiting runs and the lost one, each once"
+    );
+    env.spawn_worker(&["--queues", "alpha"]);
+    for id in ids {
+        let run = env.wait_state(id, DONE, T).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reconcilers_each_pick_a_due_run_once_and_cron_ticks_fire_once() {
     let env = TestEnv::new("reconcile").await;
@@ -1164,15 +1330,15 @@ async fn concurrent_reconcilers_each_pick_a_due_run_once_and_cron_ticks_fire_onc
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        reconciler::due_runs(&env.pool, Duration::from_secs(5)),
-        reconciler::due_runs(&env.pool, Duration::from_secs(5))
+        reconciler::due_runs(&env.pool, Duration::from_secs(5), &[]),
+        reconciler::due_runs(&env.pool, Duration::from_secs(5), &[])
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let a: HashSet<Uuid> = a.into_iter().map(|(id, _)| id).collect();
     let b: HashSet<Uuid> = b.into_iter().map(|(id, _)| id).collect();
     assert!(a.is_disjoint(&b), "a run was picked by two reconcilers");
     assert_eq!(&a | &b, ids);
-    assert!(reconciler::due_runs(&env.pool, Duration::from_secs(5))
+    assert!(reconciler::due_runs(&env.pool, Duration::from_secs(5), &[])
         .await
         .unwrap()
         .is_empty());

@@ -105,6 +105,7 @@ pub fn spawn_scheduler(
     tasks.spawn(reconciler::run(
         engine.pool.clone(),
         engine.dispatcher.clone(),
+        all_queues(&engine.registry),
         cfg.redispatch_after,
         cfg.reconcile_every,
         shutdown.clone(),

@@ -13,7 +13,7 @@ use apalis_redis::factory::RedisStorageFactory;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dispatch::{queue_config, Job},
+    dispatch::{promote, queue_config, Job},
     executor::Engine,
 };
 
@@ -83,11 +83,24 @@ async fn consume_once(
     generation: u32,
 ) -> Result<(), BoxDynError> {
     let client = redis::Client::open(resp3(&engine.config.redis_url).as_str())?;
+    let config = queue_config(&engine.config.namespace, queue);
+    // A backlog left in the scheduled set (by a pusher that died between its
+    // push and its promotion, or by an older version) would fail every fetch
+    // past the unpack limit; move it before the first one.
+    let moved = promote(
+        &mut client.get_multiplexed_async_connection().await?,
+        &config,
+    )
+    .await?;
+    if moved > 0 {
+        tracing::info!(
+            queue,
+            moved,
+            "moved waiting dispatches to the queue before consuming"
+        );
+    }
     let mut factory = RedisStorageFactory::new(client).await?;
-    let backend = BackendFactory::<Job>::create_with_config(
-        &mut factory,
-        queue_config(&engine.config.namespace, queue),
-    )?;
+    let backend = BackendFactory::<Job>::create_with_config(&mut factory, config)?;
     let handler = QueueHandler {
         engine: engine.clone(),
         queue: queue.into(),

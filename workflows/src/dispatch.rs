@@ -5,12 +5,27 @@
 //! Pushing is always done after the run's intent is committed, so a failed
 //! push (Redis down) only delays the run until the reconciler re-dispatches
 //! it, and a duplicate push is harmless because claiming is conditional.
+//!
+//! apalis-redis 1.0 files every pushed task in the queue's *scheduled* set
+//! (it stamps each with "now" as its due time) and its fetch script moves
+//! every due entry to the active list with one Lua `unpack`, which fails
+//! past about 8,000 values ("too many results to unpack"). A backlog that
+//! size (workers down while the API takes submissions, a reconciler sweep
+//! after an outage) then failed every fetch of that queue for good. So each
+//! push is followed by [`promote`], which moves the scheduled set to the
+//! active list in bounded chunks, and a consumer promotes once before it
+//! starts fetching, which heals a queue wedged by an earlier backlog.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex},
+    time::Duration,
+};
 
 use apalis::prelude::TaskSink;
 use apalis_redis::{Config, ConnectionManager, RedisStorage};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManagerConfig;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -47,6 +62,10 @@ pub trait Dispatcher: Send + Sync + 'static {
         }
         Ok(())
     }
+
+    /// When the oldest dispatch of `queue` not fetched by a worker yet was
+    /// pushed; `None` when nothing waits.
+    async fn oldest_waiting(&self, queue: &str) -> Result<Option<DateTime<Utc>>, EngineError>;
 }
 
 /// Redis key prefix of a logical queue. apalis' pub/sub wake-up splits
@@ -141,34 +160,105 @@ impl Dispatcher for RedisDispatcher {
     }
 
     async fn dispatch_many(&self, queue: &str, run_ids: &[Uuid]) -> Result<(), EngineError> {
-        let Some(last) = run_ids.last() else {
-            return Ok(());
-        };
         let mut storage = self.storage(queue);
-        let jobs = run_ids.iter().map(|&run_id| Dispatch { run_id }).collect();
-        // One call of apalis' batch push script for the whole slice.
-        storage
-            .push_bulk(jobs)
-            .await
-            .map_err(|e| EngineError::Dispatch(format!("push to queue `{queue}`: {e}")))?;
-        // apalis-redis 1.0 passes its `emit_events` flag to its push script as
-        // "true", which the script compares with "1", so it never publishes the
-        // wake-up its own pub/sub consumers wait for. Publish it here, on the
-        // channel those consumers subscribe to, so a push wakes them at once
-        // (one message wakes an idle consumer, which then drains the list).
-        let channel = format!(
-            "tasks:{}:available",
-            queue_config(&self.namespace, queue).active_jobs_list()
-        );
-        let mut conn = self.conn.clone();
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(last.to_string())
-            .query_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| EngineError::Dispatch(format!("wake queue `{queue}`: {e}")))?;
+        let config = queue_config(&self.namespace, queue);
+        // Chunks keep the scheduled set below the fetch script's unpack
+        // limit between a push and its promotion (see the module doc).
+        for chunk in run_ids.chunks(PROMOTE_CHUNK) {
+            let jobs = chunk.iter().map(|&run_id| Dispatch { run_id }).collect();
+            // One call of apalis' batch push script for the whole chunk.
+            storage
+                .push_bulk(jobs)
+                .await
+                .map_err(|e| EngineError::Dispatch(format!("push to queue `{queue}`: {e}")))?;
+            let mut conn = self.conn.clone();
+            promote(&mut conn, &config)
+                .await
+                .map_err(|e| EngineError::Dispatch(format!("wake queue `{queue}`: {e}")))?;
+        }
         Ok(())
     }
+
+    async fn oldest_waiting(&self, queue: &str) -> Result<Option<DateTime<Utc>>, EngineError> {
+        let config = queue_config(&self.namespace, queue);
+        let mut conn = self.conn.clone();
+        // The head of the list, and the first of a backlog not promoted yet.
+        let (head, scheduled): (Option<String>, Vec<String>) = redis::pipe()
+            .cmd("LINDEX")
+            .arg(config.active_jobs_list())
+            .arg(0)
+            .cmd("ZRANGE")
+            .arg(config.scheduled_jobs_set())
+            .arg(0)
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| EngineError::Dispatch(format!("backlog of queue `{queue}`: {e}")))?;
+        // apalis names a task with a ULID made when it is pushed. An id that
+        // is not one (a job pushed by something else) says "waiting since
+        // now", which keeps the plain `redispatch_after` rule.
+        let pushed_at = |id: &String| {
+            ulid::Ulid::from_string(id)
+                .ok()
+                .and_then(|u| DateTime::<Utc>::from_timestamp_millis(u.timestamp_ms() as i64))
+                .unwrap_or_else(Utc::now)
+        };
+        Ok(head.iter().chain(&scheduled).map(pushed_at).min())
+    }
+}
+
+/// Most task ids one `RPUSH`/`ZREM` of [`promote`] carries, and most
+/// dispatches pushed at once: far below the ~8,000 values Redis' Lua
+/// `unpack` accepts.
+const PROMOTE_CHUNK: usize = 1000;
+
+/// Moves a queue's scheduled set to its active list, `ARGV[1]` ids at a time,
+/// signals the move the way apalis' fetch does, and publishes the wake-up.
+///
+/// Every entry is due: dispatches are always meant for now (a parked run's
+/// delay is a timer in the worker, never an apalis schedule), so the whole
+/// set moves whatever the clocks of the hosts that stamped it.
+///
+/// The wake-up is ours because apalis-redis 1.0 passes its `emit_events`
+/// flag to its push script as "true", which the script compares with "1",
+/// so it never publishes the message its own pub/sub consumers wait for.
+/// One message wakes an idle consumer, which then drains the list.
+static PROMOTE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local chunk = tonumber(ARGV[1])
+local moved = 0
+while true do
+    local ids = redis.call('ZRANGE', KEYS[1], 0, chunk - 1)
+    if #ids == 0 then break end
+    redis.call('RPUSH', KEYS[2], unpack(ids))
+    redis.call('ZREM', KEYS[1], unpack(ids))
+    moved = moved + #ids
+end
+if moved > 0 then
+    redis.call('DEL', KEYS[3])
+    redis.call('LPUSH', KEYS[3], 1)
+end
+redis.call('PUBLISH', ARGV[2], 'promoted')
+return moved
+"#,
+    )
+});
+
+/// Make every dispatch waiting in `config`'s queue fetchable and wake its
+/// consumers; answers how many were moved (see [`PROMOTE`]).
+pub async fn promote<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    config: &Config,
+) -> redis::RedisResult<usize> {
+    PROMOTE
+        .key(config.scheduled_jobs_set())
+        .key(config.active_jobs_list())
+        .key(config.signal_list())
+        .arg(PROMOTE_CHUNK)
+        .arg(format!("tasks:{}:available", config.active_jobs_list()))
+        .invoke_async(conn)
+        .await
 }
 
 impl RedisDispatcher {

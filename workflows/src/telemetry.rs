@@ -1,6 +1,9 @@
 //! One tracing set-up for every binary: `RUST_LOG` filters (default `info`),
 //! `ORRERY_LOG_JSON=1` switches to JSON lines. Spans carry `run_id`, `step`,
-//! `queue` and `workflow`.
+//! `queue` and `workflow`. Colours only when standard error is a terminal:
+//! a log file or a journal gets plain text.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -9,7 +12,10 @@ pub fn init() {
         EnvFilter::new("info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_redis=warn")
     });
     let json = std::env::var("ORRERY_LOG_JSON").is_ok_and(|v| v == "1" || v == "true");
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().with_current_span(true).try_init()
     } else {
