@@ -1317,6 +1317,87 @@ async fn a_queue_with_a_backlog_is_not_flooded_with_duplicate_dispatches() {
     }
 }
 
+/// The `redis_vacuum` cron job's work: finished dispatches are forgotten
+/// (data, metadata, the done set), waiting ones are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_vacuum_forgets_finished_dispatches_and_keeps_waiting_ones() {
+    let mut env = TestEnv::new("vacuum").await;
+    let config = orrery_workflows::dispatch::queue_config(&env.namespace, "alpha");
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let worker = env.spawn_worker(&["--queues", "alpha"]);
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(env.submit("test.chain", json!({})).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            env.wait_state(*id, DONE, T).await.state,
+            RunState::Succeeded
+        );
+    }
+    let done_set = config.done_jobs_set();
+    env.wait_until("every dispatch to be acknowledged", T, || {
+        let (set, mut redis) = (done_set.clone(), redis.clone());
+        async move {
+            redis::cmd("SCARD")
+                .arg(&set)
+                .query_async::<usize>(&mut redis)
+                .await
+                .unwrap()
+                >= 30
+        }
+    })
+    .await;
+    env.workers[worker].signal("KILL");
+    let finished: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&done_set)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Waiting dispatches, pushed once nothing consumes the queue.
+    let ghosts: Vec<Uuid> = (0..700).map(|_| Uuid::new_v4()).collect();
+    env.rt
+        .engine
+        .dispatcher
+        .dispatch_many("alpha", &ghosts)
+        .await
+        .unwrap();
+    let waiting: Vec<String> = redis::cmd("LRANGE")
+        .arg(config.active_jobs_list())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 700);
+
+    let forgotten = env.rt.dispatcher.vacuum("alpha").await.unwrap();
+    assert_eq!(forgotten, finished.len());
+    let data = config.job_data_hash();
+    let meta = config.job_meta_hash();
+    let mut kept = redis::pipe();
+    kept.cmd("HLEN").arg(&data).cmd("SCARD").arg(&done_set);
+    let (data_left, done_left): (usize, usize) = kept.query_async(&mut redis).await.unwrap();
+    assert_eq!(
+        (data_left, done_left),
+        (700, 0),
+        "(task data, done set) after the vacuum"
+    );
+    for (id, exists) in [(&finished[0], 0), (&waiting[0], 1), (&waiting[699], 1)] {
+        let meta_keys: usize = redis::cmd("EXISTS")
+            .arg(format!("{meta}:{id}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(meta_keys, exists, "metadata of {id}");
+    }
+    assert_eq!(env.rt.dispatcher.vacuum("alpha").await.unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reconcilers_each_pick_a_due_run_once_and_cron_ticks_fire_once() {
     let env = TestEnv::new("reconcile").await;

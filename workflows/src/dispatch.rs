@@ -262,22 +262,53 @@ pub async fn promote<C: redis::aio::ConnectionLike>(
 }
 
 impl RedisDispatcher {
-    /// Drop finished apalis tasks of `queue` from Redis (their data, metadata
-    /// and the "done" set), so Redis memory stays bounded by in-flight work.
+    /// Drop finished apalis tasks of `queue` from Redis (their data and
+    /// metadata), so Redis memory stays bounded by in-flight work; answers
+    /// how many. Works through the queue's done and dead sets
+    /// [`VACUUM_CHUNK`] ids per script call: apalis' own vacuum reads the
+    /// whole task hash, waiting tasks included, in one script (0.42 s of a
+    /// blocked Redis for a backlog of 100,000 here, every minute), while this
+    /// costs what finished and never holds Redis for long.
     pub async fn vacuum(&self, queue: &str) -> Result<usize, EngineError> {
-        use apalis_core::backend::Vacuum;
-        let mut storage = self.storage(queue);
-        let removed = storage
-            .vacuum()
-            .await
-            .map_err(|e| EngineError::Dispatch(format!("vacuum `{queue}`: {e}")))?;
-        let done_set = queue_config(&self.namespace, queue).done_jobs_set();
+        let config = queue_config(&self.namespace, queue);
         let mut conn = self.conn.clone();
-        let _: () = redis::cmd("DEL")
-            .arg(done_set)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| EngineError::Dispatch(format!("vacuum `{queue}`: {e}")))?;
-        Ok(removed)
+        let mut total = 0;
+        for finished in [config.done_jobs_set(), config.dead_jobs_set()] {
+            loop {
+                let forgotten: usize = FORGET
+                    .key(&finished)
+                    .key(config.job_data_hash())
+                    .key(config.job_meta_hash())
+                    .arg(VACUUM_CHUNK)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| EngineError::Dispatch(format!("vacuum `{queue}`: {e}")))?;
+                total += forgotten;
+                if forgotten < VACUUM_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(total)
     }
 }
+
+/// Finished tasks forgotten per call of [`FORGET`].
+const VACUUM_CHUNK: usize = 500;
+
+/// Pops up to `ARGV[1]` ids from a set of finished tasks (`KEYS[1]`) and
+/// deletes their data (`KEYS[2]`), their metadata and their result (under
+/// the metadata prefix `KEYS[3]`, as apalis' own vacuum does).
+static FORGET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local ids = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
+for _, id in ipairs(ids) do
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HDEL', KEYS[3] .. ':result', id)
+    redis.call('DEL', KEYS[3] .. ':' .. id)
+end
+return #ids
+"#,
+    )
+});
