@@ -95,13 +95,19 @@ pub async fn reconcile_once(
 ) -> Result<usize, EngineError> {
     let waiting = oldest_waiting(dispatcher, queues).await;
     let due = due_runs(pool, redispatch_after, &waiting).await?;
-    let mut sent = 0;
+    // One push per queue (after a lost Redis, a pass re-sends up to BATCH
+    // runs: two round trips per queue instead of two per run).
+    let mut by_queue: std::collections::BTreeMap<&str, Vec<Uuid>> = Default::default();
     for (run_id, queue) in &due {
-        match dispatcher.dispatch(queue, *run_id).await {
-            Ok(()) => sent += 1,
+        by_queue.entry(queue.as_str()).or_default().push(*run_id);
+    }
+    let mut sent = 0;
+    for (queue, run_ids) in by_queue {
+        match dispatcher.dispatch_many(queue, &run_ids).await {
+            Ok(()) => sent += run_ids.len(),
             Err(err) => {
-                tracing::warn!(%run_id, queue, error = %err, "re-dispatch failed; next pass retries");
-                // Redis is likely down: no point trying the rest now.
+                tracing::warn!(queue, runs = run_ids.len(), error = %err, "re-dispatch failed; a later pass retries");
+                // Redis is likely down: no point trying the other queues now.
                 break;
             }
         }
