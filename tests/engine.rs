@@ -7,7 +7,7 @@ use std::{collections::HashSet, time::Duration};
 
 use orrery_workflows::{
     cron, reconciler,
-    store::{self, NewRun, ReplayRequest},
+    store::{self, ReplayRequest},
     writer::{write_batch, Checkpoint, CheckpointKind, DispatchMark, RunUpdate},
     EngineError, RunState,
 };
@@ -1065,22 +1065,11 @@ async fn bad_input_never_crashes_a_worker() {
         raw.push(json!({ "nonsense": true })).await.unwrap();
     }
     // A run of a workflow this worker does not know.
-    let unknown = NewRun {
-        id: Uuid::new_v4(),
-        workflow: "nope".into(),
-        workflow_version: 1,
-        input: json!({}),
-        queue: "alpha".into(),
-        created_by: None,
-        stuck_in: Duration::from_secs(60),
-    };
-    store::insert_run(&mut env.pool.acquire().await.unwrap(), &unknown)
-        .await
-        .unwrap();
+    let unknown = env.insert_undispatched("nope", "alpha").await;
     env.rt
         .engine
         .dispatcher
-        .dispatch("alpha", unknown.id)
+        .dispatch("alpha", unknown)
         .await
         .unwrap();
     // A step input that does not deserialize.
@@ -1110,7 +1099,7 @@ async fn bad_input_never_crashes_a_worker() {
             .contains("apalis worker failed"),
         "a malformed job must not stop the consumer"
     );
-    let stray = env.run(unknown.id).await;
+    let stray = env.run(unknown).await;
     assert_eq!(
         stray.state,
         RunState::Queued,
@@ -1165,11 +1154,7 @@ async fn a_backlog_past_the_lua_unpack_limit_does_not_wedge_the_queue() {
 
     let mut env = TestEnv::new("backlog").await;
     let config = queue_config(&env.namespace, "alpha");
-    let redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let redis = env.redis().await;
     let (scheduled, active) = (config.scheduled_jobs_set(), config.active_jobs_list());
     let sizes = move || {
         let (scheduled, active) = (scheduled.clone(), active.clone());
@@ -1256,11 +1241,7 @@ async fn a_queue_with_a_backlog_is_not_flooded_with_duplicate_dispatches() {
     let mut env = TestEnv::new("backlog_redispatch").await;
     let active =
         orrery_workflows::dispatch::queue_config(&env.namespace, "alpha").active_jobs_list();
-    let redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let redis = env.redis().await;
     let listed = || {
         let (active, mut redis) = (active.clone(), redis.clone());
         async move {
@@ -1273,24 +1254,13 @@ async fn a_queue_with_a_backlog_is_not_flooded_with_duplicate_dispatches() {
     };
     // Committed but never pushed, like a submitter that died in between,
     // 10 s before the backlog.
-    let lost = NewRun {
-        id: Uuid::new_v4(),
-        workflow: "test.chain".into(),
-        workflow_version: 1,
-        input: json!({}),
-        queue: "alpha".into(),
-        created_by: None,
-        stuck_in: Duration::from_secs(60),
-    };
-    store::insert_run(&mut env.pool.acquire().await.unwrap(), &lost)
-        .await
-        .unwrap();
+    let lost = env.insert_undispatched("test.chain", "alpha").await;
     sqlx::query("UPDATE runs SET dispatched_at = now() - interval '10 seconds' WHERE id = $1")
-        .bind(lost.id)
+        .bind(lost)
         .execute(&env.pool)
         .await
         .unwrap();
-    let mut ids = vec![lost.id];
+    let mut ids = vec![lost];
     for _ in 0..30 {
         ids.push(env.submit("test.chain", json!({})).await);
     }
@@ -1323,11 +1293,7 @@ async fn a_queue_with_a_backlog_is_not_flooded_with_duplicate_dispatches() {
 async fn the_redis_vacuum_forgets_finished_dispatches_and_keeps_waiting_ones() {
     let mut env = TestEnv::new("vacuum").await;
     let config = orrery_workflows::dispatch::queue_config(&env.namespace, "alpha");
-    let mut redis = redis::Client::open(env.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = env.redis().await;
     let worker = env.spawn_worker(&["--queues", "alpha"]);
     let mut ids = Vec::new();
     for _ in 0..30 {

@@ -191,6 +191,33 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// A connection to this test's Redis.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// A queued run of `workflow` on `queue`, committed but never pushed to
+    /// Redis (like a submitter that died between the two).
+    pub async fn insert_undispatched(&self, workflow: &str, queue: &str) -> Uuid {
+        let run = store::NewRun {
+            id: Uuid::new_v4(),
+            workflow: workflow.into(),
+            workflow_version: 1,
+            input: serde_json::json!({}),
+            queue: queue.into(),
+            created_by: None,
+            stuck_in: Duration::from_secs(60),
+        };
+        store::insert_run(&mut self.pool.acquire().await.unwrap(), &run)
+            .await
+            .unwrap();
+        run.id
+    }
+
     pub async fn run(&self, id: Uuid) -> RunSummary {
         store::get_run(&self.pool, id)
             .await
