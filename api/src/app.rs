@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use orrery_workflows::{
-    config::{cannot_connect, var, ConfigError},
+    config::{var, ConfigError},
     dispatch::RedisDispatcher,
     Engine, EngineConfig, Services,
 };
@@ -59,17 +58,9 @@ impl App {
         config: ApiConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let pool = orrery_workflows::config::connect_db(&engine_cfg)
-            .await
-            .with_context(|| {
-                cannot_connect(
-                    "PostgreSQL",
-                    "ORRERY_DATABASE_URL",
-                    &engine_cfg.database_url,
-                )
-            })?;
+        let pool = orrery_workflows::config::connect_db_or_explain(&engine_cfg).await?;
         // The dispatcher's connection serves the API's own Redis reads too.
-        let dispatcher = dispatcher(&engine_cfg).await?;
+        let dispatcher = Arc::new(RedisDispatcher::connect_or_explain(&engine_cfg).await?);
         let redis = dispatcher.connection();
         Ok(Self::assemble(
             pool, redis, dispatcher, engine_cfg, config, shutdown,
@@ -85,7 +76,7 @@ impl App {
         config: ApiConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let dispatcher = dispatcher(&engine_cfg).await?;
+        let dispatcher = Arc::new(RedisDispatcher::connect_or_explain(&engine_cfg).await?);
         Ok(Self::assemble(
             pool, redis, dispatcher, engine_cfg, config, shutdown,
         ))
@@ -111,13 +102,6 @@ impl App {
         config.check(&engine);
         App::new(engine, redis, config)
     }
-}
-
-async fn dispatcher(engine_cfg: &EngineConfig) -> anyhow::Result<Arc<RedisDispatcher>> {
-    let dispatcher = RedisDispatcher::connect(&engine_cfg.redis_url, &engine_cfg.namespace)
-        .await
-        .with_context(|| cannot_connect("Redis", "ORRERY_REDIS_URL", &engine_cfg.redis_url))?;
-    Ok(Arc::new(dispatcher))
 }
 
 /// Where cluster requests get machines from (`ORRERY_PROVIDER`).

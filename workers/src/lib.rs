@@ -6,10 +6,9 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use anyhow::Context;
 use orrery_workflows::{
-    config::connect_db, consumer, cron, dispatch::RedisDispatcher, provisioning, reconciler,
-    Engine, EngineConfig, Registry, Services,
+    config::connect_db_or_explain, consumer, cron, dispatch::RedisDispatcher, provisioning,
+    reconciler, Engine, EngineConfig, Registry, Services,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -23,24 +22,8 @@ pub struct Runtime {
 /// Connect to PostgreSQL and Redis and build the engine with every workflow
 /// this build knows.
 pub async fn start(config: EngineConfig, shutdown: CancellationToken) -> anyhow::Result<Runtime> {
-    let pool = connect_db(&config).await.with_context(|| {
-        orrery_workflows::config::cannot_connect(
-            "PostgreSQL",
-            "ORRERY_DATABASE_URL",
-            &config.database_url,
-        )
-    })?;
-    let dispatcher = Arc::new(
-        RedisDispatcher::connect(&config.redis_url, &config.namespace)
-            .await
-            .with_context(|| {
-                orrery_workflows::config::cannot_connect(
-                    "Redis",
-                    "ORRERY_REDIS_URL",
-                    &config.redis_url,
-                )
-            })?,
-    );
+    let pool = connect_db_or_explain(&config).await?;
+    let dispatcher = Arc::new(RedisDispatcher::connect_or_explain(&config).await?);
     let registry = orrery_workflows::registry(config.test_workflows);
     let mut services = Services::new();
     if let Err(why) = provisioning::install(

@@ -170,6 +170,16 @@ pub async fn connect_db(cfg: &EngineConfig) -> Result<sqlx::PgPool, sqlx::Error>
         .await
 }
 
+/// [`connect_db`] for a process that cannot start without it: a failure
+/// says which server, variable and address, and what to do
+/// ([`cannot_connect`]).
+pub async fn connect_db_or_explain(cfg: &EngineConfig) -> anyhow::Result<sqlx::PgPool> {
+    use anyhow::Context;
+    connect_db(cfg)
+        .await
+        .with_context(|| cannot_connect("PostgreSQL", "ORRERY_DATABASE_URL", &cfg.database_url))
+}
+
 /// A connection of its own (outside the pool) for a task that runs the same
 /// few statements over and over in a loop (the checkpoint writer, the API's
 /// admission batches): with a generic plan PostgreSQL plans each prepared

@@ -133,6 +133,18 @@ impl RedisDispatcher {
         })
     }
 
+    /// [`RedisDispatcher::connect`] to the configured Redis and namespace;
+    /// a failure says which variable and address, and what to do
+    /// ([`crate::config::cannot_connect`]).
+    pub async fn connect_or_explain(cfg: &crate::EngineConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        Self::connect(&cfg.redis_url, &cfg.namespace)
+            .await
+            .with_context(|| {
+                crate::config::cannot_connect("Redis", "ORRERY_REDIS_URL", &cfg.redis_url)
+            })
+    }
+
     fn storage(&self, queue: &str) -> RedisStorage<Dispatch> {
         let mut storages = self.storages.lock().expect("dispatcher lock poisoned");
         storages
