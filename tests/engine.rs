@@ -1231,6 +1231,53 @@ async fn a_backlog_past_the_lua_unpack_limit_does_not_wedge_the_queue() {
     );
 }
 
+/// An idle consumer is woken through Redis pub/sub when a dispatch is
+/// pushed. apalis-redis 1.0's wake-up stream forgot the consumer's waker
+/// whenever a wake-up was already pending when it was polled, so a
+/// wake-up arriving while the consumer fetched (another worker's push, a
+/// burst of pushes) left it asleep until its next Redis heartbeat (5 s)
+/// however many dispatches came after: with four worker processes a burst
+/// ran on one to three of them (found with `orrery-bench`). Wake-ups now
+/// register the waker on every poll (`consumer::Wakeup`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_woken_while_fetching_still_takes_the_next_dispatch_at_once() {
+    use orrery_workflows::dispatch::{queue_config, wakeup_channel};
+
+    let mut env = TestEnv::new("wakeup").await;
+    let worker = env.spawn_worker(&["--queues", "alpha"]);
+    env.wait_until("the worker to consume", T, || {
+        let log = env.workers[worker].log_text();
+        async move { log.contains("consuming") }
+    })
+    .await;
+    let channel = wakeup_channel(&queue_config(&env.namespace, "alpha"));
+    let mut redis = env.redis().await;
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wake-ups with nothing to fetch, one after the other, as other
+        // workers' pushes arrive: some land while the consumer fetches.
+        for _ in 0..50 {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("promoted")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let submitted = std::time::Instant::now();
+        let id = env.submit("test.chain", json!({})).await;
+        let run = env.wait_state(id, DONE, T).await;
+        assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+        let waited = submitted.elapsed();
+        assert!(
+            waited < Duration::from_secs(2),
+            "round {round}: the run took {waited:?}: its wake-up was lost and only the \
+             consumer's 5 s Redis heartbeat woke it"
+        );
+    }
+}
+
 /// While a queue has a backlog its runs wait in Redis past
 /// `redispatch_after`; the reconciler must not push them again and again
 /// (before, each of 30 waiting runs was pushed once more per pass). A run

@@ -1,19 +1,28 @@
 //! Consumers: one apalis worker per queue, each feeding dispatches to the
 //! [`Engine`].
 //!
-//! apalis' Redis backend wakes the worker through pub/sub as soon as a
-//! dispatch is pushed (no polling interval on the hot path). If Redis goes
+//! An idle consumer is woken through Redis pub/sub as soon as a dispatch is
+//! pushed (no polling interval on the hot path; [`Wakeup`]). If Redis goes
 //! away or is flushed, the apalis worker stops; we rebuild it with backoff,
 //! and the reconciler re-dispatches whatever was lost.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use apalis::prelude::*;
-use apalis_redis::factory::RedisStorageFactory;
+use apalis_redis::RedisStorage;
+use futures::task::AtomicWaker;
+use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dispatch::{promote, queue_config, Job},
+    dispatch::{promote, queue_config, wakeup_channel, Job},
     executor::Engine,
 };
 
@@ -64,6 +73,69 @@ pub async fn run_queue(
     tracing::info!(queue, "consumer stopped");
 }
 
+/// When an idle consumer fetches again: on every wake-up message published
+/// on its queue's channel (by the pushers' promote script, and by apalis
+/// when it re-queues a dead worker's tasks).
+///
+/// Replaces apalis-redis 1.0's own (`factory::Pubsub`), which registered the
+/// consumer's waker only when no wake-up was pending. apalis polls the
+/// strategy and then fetches whatever it answered, so a wake-up that
+/// arrived during a fetch was taken by the next poll without registering,
+/// and if that fetch found nothing the consumer slept until its next Redis
+/// heartbeat (5 s) through any number of pushes: four worker processes
+/// given a burst ran it on one to three of them. This one registers on
+/// every poll.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<WakeupState>);
+
+#[derive(Default)]
+struct WakeupState {
+    waker: AtomicWaker,
+    pending: AtomicBool,
+}
+
+impl Wakeup {
+    fn signal(&self) {
+        self.0.pending.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+impl PollStrategy for Wakeup {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        // Before looking at `pending`, so a message after the look still wakes.
+        self.0.waker.register(cx.waker());
+        if self.0.pending.swap(false, Ordering::AcqRel) {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// A connection subscribed to `channel` whose messages fire `wakeup`; the
+/// consumer's fetches and acknowledgements share it, as with apalis' own.
+async fn subscribed(
+    client: &redis::Client,
+    channel: &str,
+    wakeup: &Wakeup,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let wakeup = wakeup.clone();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(
+        move |push: redis::PushInfo| -> Result<(), redis::aio::SendError> {
+            if push.kind == redis::PushKind::Message {
+                wakeup.signal();
+            }
+            Ok(())
+        },
+    );
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    conn.subscribe(channel).await?;
+    Ok(conn)
+}
+
 /// apalis' pub/sub wake-up needs RESP3 push messages on the connection.
 fn resp3(url: &str) -> String {
     if url.contains("protocol=") {
@@ -99,8 +171,12 @@ async fn consume_once(
             "moved waiting dispatches to the queue before consuming"
         );
     }
-    let mut factory = RedisStorageFactory::new(client).await?;
-    let backend = BackendFactory::<Job>::create_with_config(&mut factory, config)?;
+    let wakeup = Wakeup::default();
+    let conn = subscribed(&client, &wakeup_channel(&config), &wakeup).await?;
+    let backend = PollWith::new(
+        RedisStorage::<Job, MultiplexedConnection>::new(conn).with_config(config),
+        wakeup,
+    );
     let handler = QueueHandler {
         engine: engine.clone(),
         queue: queue.into(),

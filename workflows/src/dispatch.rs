@@ -257,6 +257,12 @@ return moved
     )
 });
 
+/// The pub/sub channel on which a queue's idle consumers wait for work (the
+/// one apalis publishes on when it re-queues a dead worker's tasks).
+pub fn wakeup_channel(config: &Config) -> String {
+    format!("tasks:{}:available", config.active_jobs_list())
+}
+
 /// Make every dispatch waiting in `config`'s queue fetchable and wake its
 /// consumers; answers how many were moved (see [`PROMOTE`]).
 pub async fn promote<C: redis::aio::ConnectionLike>(
@@ -268,7 +274,7 @@ pub async fn promote<C: redis::aio::ConnectionLike>(
         .key(config.active_jobs_list())
         .key(config.signal_list())
         .arg(PROMOTE_CHUNK)
-        .arg(format!("tasks:{}:available", config.active_jobs_list()))
+        .arg(wakeup_channel(config))
         .invoke_async(conn)
         .await
 }
