@@ -1231,6 +1231,57 @@ async fn a_backlog_past_the_lua_unpack_limit_does_not_wedge_the_queue() {
     );
 }
 
+/// The checkpoint writer and the claimer plan their statements once per
+/// connection (a generic plan, `config::connect_dedicated`) from the table
+/// statistics of the moment. A running installation's statistics say few
+/// runs are unfinished; the claim then reached its rows through the partial
+/// index of unfinished runs and read every one of them at each claim, so a
+/// backlog (an outage, a burst of submissions) made every claim slower. With
+/// such statistics each statement must reach `runs` by primary key only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_statements_look_runs_up_by_key_whatever_the_statistics() {
+    use orrery_workflows::{config::connect_dedicated, store::CLAIM_SQL, writer};
+
+    let db = support::TestDb::new("plans").await;
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, input, state, queue)
+         SELECT gen_random_uuid(), 'test.chain', 1, '{}',
+                CASE WHEN g % 2000 = 0 THEN 'queued' ELSE 'succeeded' END, 'alpha'
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE runs").execute(&db.pool).await.unwrap();
+    let mut conn = connect_dedicated(&db.pool).await.unwrap();
+    for (name, sql, params) in [
+        ("write", writer::WRITE_SQL, 25),
+        ("resend", writer::RESEND_SQL, 25),
+        ("claim", CLAIM_SQL, 5),
+    ] {
+        sqlx::query(&format!("PREPARE {name} AS {sql}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // The generic plan's shape does not depend on the values.
+        let nulls = vec!["NULL"; params].join(", ");
+        let plan: Vec<String> =
+            sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) EXECUTE {name}({nulls})"))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on runs") && !plan.contains("runs_unfinished"),
+            "{name} reads runs beyond the rows it names:\n{plan}"
+        );
+        assert!(
+            plan.contains("Index Scan using runs_pkey on runs"),
+            "{name} looks runs up by key:\n{plan}"
+        );
+    }
+}
+
 /// An idle consumer is woken through Redis pub/sub when a dispatch is
 /// pushed. apalis-redis 1.0's wake-up stream forgot the consumer's waker
 /// whenever a wake-up was already pending when it was polled, so a

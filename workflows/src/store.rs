@@ -173,8 +173,19 @@ pub async fn claim_many(
 /// Such a run comes back with `prev_state` `running`, as a run whose worker
 /// died does: a step that is not safe to repeat is not run again on the
 /// chance that it started.
-const CLAIM_SQL: &str = "WITH p AS (SELECT r.id, r.state AS prev_state, t.claim_id,
-                         r.lease_owner = $2 AND r.last_write = t.claim_id AS again
+///
+/// Whether a run is claimable is decided on the locked rows (`p`), so the
+/// update itself has no condition on `state`. With one, the planner reached
+/// the rows through the partial index of unfinished runs whenever the
+/// statistics said few runs were unfinished (the usual state of a running
+/// installation): every claim read every unfinished run, so a backlog (an
+/// outage, a burst) made each claim slower until the next `ANALYZE`.
+pub const CLAIM_SQL: &str = "WITH p AS (SELECT r.id, r.state AS prev_state, t.claim_id,
+                         r.state NOT IN ('succeeded', 'failed', 'cancelled')
+                         AND ((r.lease_owner = $2 AND r.last_write = t.claim_id)
+                              OR ((r.lease_until IS NULL OR r.lease_until < now())
+                                  AND (r.wake_at IS NULL OR r.wake_at <= now()
+                                       OR r.cancel_requested_at IS NOT NULL))) AS claimable
                   FROM runs r JOIN unnest($1::uuid[], $5::uuid[]) AS t(id, claim_id) ON r.id = t.id
                   ORDER BY r.id FOR UPDATE OF r),
          c AS (
@@ -188,10 +199,7 @@ const CLAIM_SQL: &str = "WITH p AS (SELECT r.id, r.state AS prev_state, t.claim_
                 updated_at = now(),
                 last_write = p.claim_id
             FROM p
-            WHERE r.id = p.id AND r.state NOT IN ('succeeded', 'failed', 'cancelled')
-                  AND (p.again OR (
-                      (r.lease_until IS NULL OR r.lease_until < now())
-                      AND (r.wake_at IS NULL OR r.wake_at <= now() OR r.cancel_requested_at IS NOT NULL)))
+            WHERE r.id = p.id AND p.claimable
             RETURNING r.*, p.prev_state
          )
          SELECT c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,

@@ -338,13 +338,13 @@ h AS (
     };
 }
 
-/// The statement for batches of first sends.
-const WRITE_SQL: &str = concat!(write_values!(), write_rows!(), "SELECT id FROM u\n");
+/// The statement for batches of first sends (public for the test of its plan).
+pub const WRITE_SQL: &str = concat!(write_values!(), write_rows!(), "SELECT id FROM u\n");
 
 /// The statement for a batch holding a write sent again: also answers
 /// "applied" for those whose first send had committed (`again`). Kept apart
 /// so that the common statement does not pay for the extra join.
-const RESEND_SQL: &str = concat!(
+pub const RESEND_SQL: &str = concat!(
     write_values!(),
     r#"
 -- Writes sent again after a lost answer whose first send committed (the
