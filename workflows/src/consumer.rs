@@ -136,7 +136,8 @@ async fn subscribed(
     Ok(conn)
 }
 
-/// apalis' pub/sub wake-up needs RESP3 push messages on the connection.
+/// The wake-up subscription ([`subscribed`]) needs RESP3 push messages on
+/// the connection it shares with the consumer's commands.
 fn resp3(url: &str) -> String {
     if url.contains("protocol=") {
         url.to_owned()
@@ -156,14 +157,12 @@ async fn consume_once(
 ) -> Result<(), BoxDynError> {
     let client = redis::Client::open(resp3(&engine.config.redis_url).as_str())?;
     let config = queue_config(&engine.config.namespace, queue);
+    let wakeup = Wakeup::default();
+    let mut conn = subscribed(&client, &wakeup_channel(&config), &wakeup).await?;
     // A backlog left in the scheduled set (by a pusher that died between its
     // push and its promotion, or by an older version) would fail every fetch
     // past the unpack limit; move it before the first one.
-    let moved = promote(
-        &mut client.get_multiplexed_async_connection().await?,
-        &config,
-    )
-    .await?;
+    let moved = promote(&mut conn, &config).await?;
     if moved > 0 {
         tracing::info!(
             queue,
@@ -171,8 +170,6 @@ async fn consume_once(
             "moved waiting dispatches to the queue before consuming"
         );
     }
-    let wakeup = Wakeup::default();
-    let conn = subscribed(&client, &wakeup_channel(&config), &wakeup).await?;
     let backend = PollWith::new(
         RedisStorage::<Job, MultiplexedConnection>::new(conn).with_config(config),
         wakeup,
