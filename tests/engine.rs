@@ -501,7 +501,8 @@ async fn a_claim_sent_again_after_a_lost_answer_gets_its_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
     let mut env = TestEnv::new("paused").await;
-    let paused = env.spawn_worker(&["--queues", "alpha"]);
+    // A committed lease, not a claim held open (see the held-claim tests).
+    let paused = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(0));
     let id = env
         .submit(
             "test.chain",
@@ -544,6 +545,155 @@ async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
         assert_eq!(
             step.attempts, 1,
             "step {} has one committed attempt",
+            step.step
+        );
+    }
+}
+
+/// What a step of `test.seen` saw of its run's row from another session.
+fn seen(steps: &[store::StepRecord], step: &str) -> (String, Option<String>) {
+    let out = steps
+        .iter()
+        .find(|s| s.step == step)
+        .and_then(|s| s.output.clone())
+        .unwrap_or_else(|| panic!("step {step} has no output: {steps:?}"));
+    (
+        out["state"].as_str().unwrap().to_owned(),
+        out["leased_by"].as_str().map(str::to_owned),
+    )
+}
+
+/// A worker with nothing else in flight holds its claim open for the run's
+/// first write (`hold`): while the first step runs, nobody else sees the
+/// claim, and the first checkpoint commits it. A first step slower than the
+/// window finds the claim committed alone, as a busy worker's would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_claim_commits_with_the_first_step_or_alone_when_the_window_ends() {
+    let mut env = TestEnv::new("held_claim").await;
+    env.spawn_worker(&["--queues", "alpha"]);
+    let quick = env
+        .submit("test.seen", json!({ "effects": env.effects_path() }))
+        .await;
+    let run = env.wait_state(quick, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let steps = store::steps(&env.pool, quick).await.unwrap();
+    let worker = env.effects_of(quick)[0].worker.clone();
+    assert_eq!(
+        seen(&steps, "first"),
+        ("queued".to_owned(), None),
+        "the claim was not visible during the first step"
+    );
+    assert_eq!(
+        seen(&steps, "second"),
+        ("running".to_owned(), Some(worker.clone())),
+        "the first checkpoint committed the claim"
+    );
+    assert_eq!(run.fence, 1, "one claim");
+
+    // Past the window (20 ms by default) the claim commits on its own.
+    let slow = env
+        .submit(
+            "test.seen",
+            json!({ "effects": env.effects_path(), "sleep_ms": 300 }),
+        )
+        .await;
+    let run = env.wait_state(slow, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let steps = store::steps(&env.pool, slow).await.unwrap();
+    assert_eq!(
+        seen(&steps, "first"),
+        ("running".to_owned(), Some(worker)),
+        "the window ended during the first step"
+    );
+    for step in ["first", "second"] {
+        assert_eq!(env.count(slow, step), 1, "step {step}");
+    }
+}
+
+fn hold_ms(ms: u64) -> [(String, String); 1] {
+    [("ORRERY_CLAIM_HOLD_MS".to_owned(), ms.to_string())]
+}
+
+/// A worker killed while it holds a claim open takes the claim with it: the
+/// run is found queued and never claimed, with no lease to wait out, and the
+/// reconciler's dispatch has another worker run it from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_holding_a_claim_leaves_its_run_unclaimed() {
+    let mut env = TestEnv::new("held_kill").await;
+    let doomed = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(10_000));
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
+        )
+        .await;
+    env.wait_until("step `one` to start", T, || async {
+        env.count(id, "one") == 1
+    })
+    .await;
+    env.workers[doomed].child.kill().unwrap(); // SIGKILL
+    env.workers[doomed].child.wait().unwrap();
+    let run = env.run(id).await;
+    assert_eq!(
+        (run.state, run.fence),
+        (RunState::Queued, 0),
+        "the held claim died with its worker: {run:?}"
+    );
+    env.spawn_worker(&["--queues", "alpha"]);
+    env.spawn_worker(&["--scheduler"]);
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    assert_eq!(
+        env.count(id, "one"),
+        2,
+        "the step that ran under the lost claim runs again"
+    );
+    for step in ["two", "three", "four"] {
+        assert_eq!(env.count(id, step), 1, "step {step}");
+    }
+}
+
+/// A worker stopped while it holds a claim open cannot keep the run's row
+/// locked: PostgreSQL ends its idle transaction (`hold::idle_limit`, 4 s
+/// here), another worker runs the run, and the stopped worker, once
+/// resumed, finds its claim gone and commits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_holding_a_claim_loses_it_and_commits_nothing() {
+    let mut env = TestEnv::new("held_stop").await;
+    // The claim is held longer than step `one` takes, so it is still open
+    // when the worker stops.
+    let stopped = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(2000));
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
+        )
+        .await;
+    env.wait_until("step `one` to start", T, || async {
+        env.count(id, "one") == 1
+    })
+    .await;
+    env.workers[stopped].signal("STOP");
+    let stopped_id = env.effects_of(id)[0].worker.clone();
+    env.spawn_worker(&["--queues", "alpha"]);
+    env.spawn_worker(&["--scheduler"]);
+    let run = env.wait_state(id, DONE, T).await;
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    env.workers[stopped].signal("CONT");
+    env.wait_until("the resumed worker to find its claim gone", T, || async {
+        // Its window timer or its first write, whichever runs first.
+        env.workers[stopped]
+            .log_text()
+            .contains("a held claim could not be committed")
+    })
+    .await;
+    let after = env.run(id).await;
+    assert_eq!((after.state, after.fence), (RunState::Succeeded, run.fence));
+    for step in store::steps(&env.pool, id).await.unwrap() {
+        let worker = step.output.as_ref().unwrap()["worker"].as_str().unwrap();
+        assert_ne!(
+            worker, stopped_id,
+            "step {} was committed by the stopped worker",
             step.step
         );
     }

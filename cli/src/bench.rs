@@ -30,8 +30,11 @@
 //!    `Sync` (sqlx's pool pings a connection when it is checked out and again
 //!    when it is returned). Commits are counted both by the proxy (a statement
 //!    after which the session is idle, without error) and by
-//!    `pg_stat_database`. The proxy adds a hop, so this phase's speed is not
-//!    reported.
+//!    `pg_stat_database`. The proxy does not count as commits the statements
+//!    that only set a session up (`SET`, `LISTEN`, `UNLISTEN`, sent once by
+//!    each connection the worker opens: they write no data and are no
+//!    per-step cost); it prints how many there were. The proxy adds a hop, so this
+//!    phase's speed is not reported.
 //! 4. **Throughput, 1 worker**: a worker with `ORRERY_WORKER_CONCURRENCY=--concurrency`
 //!    (so at most that many runs in flight), warmed up; then `--runs` runs of
 //!    `bench.noop10` are submitted at once (8 submits at a time) and left to
@@ -433,13 +436,14 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             &format!("round-trips/step (1 worker, {label})"),
             format!(
                 "{:.3} measured on the wire   [statements {:.3} + empty Syncs (pool pings) {:.3} + prepares {:.3}; \
-                 commits/step {:.3} on the wire, {:.3} by pg_stat_database; \
+                 commits/step {:.3} on the wire (not counting {} session set-up statements), {:.3} by pg_stat_database; \
                  {:.1} steps per checkpoint statement]",
                 w.round_trips / w.steps,
                 w.statements / w.steps,
                 w.pings / w.steps,
                 w.prepares / w.steps,
                 w.commits / w.steps,
+                w.settings,
                 w.pg_commits / w.steps,
                 w.steps / w.writer_stmts.max(1.0),
             ),
@@ -950,6 +954,7 @@ struct Wire {
     pings: f64,
     prepares: f64,
     commits: f64,
+    settings: f64,
     pg_commits: f64,
     writer_stmts: f64,
 }
@@ -1008,16 +1013,18 @@ async fn wire_phase(
         pings: get(&stats.pings),
         prepares: get(&stats.prepares),
         commits: get(&stats.commits),
+        settings: get(&stats.settings),
         pg_commits: (s_after - s_before - bench_statements - conn_overhead) as f64,
         writer_stmts,
     };
     println!(
         "[{tag}]     1 worker x {concurrency} through the counting proxy, {steps} steps: {} connections, {} round-trips \
-         ({} statements, {} empty Syncs = pool pings, {} prepares), {} commits on the wire, {} by pg_stat_database; \
+         ({} statements of which {} session set-up, {} empty Syncs = pool pings, {} prepares), {} commits on the wire, {} by pg_stat_database; \
          rows say {claims} claims + {writer_stmts} checkpoint statements",
         stats.connections.load(Ordering::SeqCst),
         wire.round_trips,
         wire.statements,
+        wire.settings,
         wire.pings,
         wire.prepares,
         wire.commits,
@@ -1150,8 +1157,11 @@ struct WireStats {
     /// Round-trips that only parsed/described (first use of a statement on a connection).
     prepares: AtomicU64,
     /// Statements after which the session was idle, without error: autocommits
-    /// (and explicit COMMITs).
+    /// (and explicit COMMITs), session set-up excepted.
     commits: AtomicU64,
+    /// Statements that only set the session up (`SET`, `LISTEN`, `UNLISTEN`,
+    /// once per connection a worker opens): no data written, no per-step work.
+    settings: AtomicU64,
     /// Set if a stream could not be parsed (e.g. TLS); counts are then void.
     unparsed: AtomicBool,
 }
@@ -1161,6 +1171,27 @@ enum Exchange {
     Ping,
     Prepare,
     Statement,
+    /// A statement that only sets the session up ([`is_setting`]).
+    Setting,
+}
+
+/// Whether `sql` only sets the session up: a parameter (`SET`) or the
+/// notification channels it listens to (`LISTEN`, `UNLISTEN`).
+fn is_setting(sql: &[u8]) -> bool {
+    let sql = String::from_utf8_lossy(sql)
+        .trim_start()
+        .to_ascii_uppercase();
+    ["SET ", "LISTEN ", "UNLISTEN "]
+        .iter()
+        .any(|verb| sql.starts_with(verb))
+}
+
+/// The first NUL-terminated string of a message body, and what follows it.
+fn cstr(body: &[u8]) -> (&[u8], &[u8]) {
+    match body.iter().position(|&b| b == 0) {
+        Some(end) => (&body[..end], &body[end + 1..]),
+        None => (body, &[]),
+    }
 }
 
 async fn start_proxy(
@@ -1208,6 +1239,9 @@ async fn proxy_connection(
         async move {
             let mut framer = Framer::new(true);
             let (mut parsed, mut executed, mut any) = (false, false, false);
+            // Prepared statements by name: whether each only sets the session up.
+            let mut setting_names: HashMap<Vec<u8>, bool> = HashMap::new();
+            let mut setting = false;
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = cr.read(&mut buf).await?;
@@ -1217,9 +1251,17 @@ async fn proxy_connection(
                 }
                 // Record what was asked before forwarding it, so the answer
                 // can never overtake the record.
-                let ok = framer.feed(&buf[..n], |ty, _body| match ty {
+                let ok = framer.feed(&buf[..n], |ty, body| match ty {
                     Some(b'P') => {
+                        let (name, rest) = cstr(body);
+                        setting = is_setting(cstr(rest).0);
+                        setting_names.insert(name.to_vec(), setting);
                         parsed = true;
+                        any = true;
+                    }
+                    Some(b'B') => {
+                        let statement = cstr(cstr(body).1).0;
+                        setting = setting_names.get(statement).copied().unwrap_or(false);
                         any = true;
                     }
                     Some(b'E') => {
@@ -1227,7 +1269,9 @@ async fn proxy_connection(
                         any = true;
                     }
                     Some(b'S') => {
-                        let ex = if executed {
+                        let ex = if executed && setting {
+                            Exchange::Setting
+                        } else if executed {
                             Exchange::Statement
                         } else if parsed || any {
                             Exchange::Prepare
@@ -1237,11 +1281,16 @@ async fn proxy_connection(
                         if let Ok(mut p) = pending.lock() {
                             p.push_back(ex);
                         }
-                        (parsed, executed, any) = (false, false, false);
+                        (parsed, executed, any, setting) = (false, false, false, false);
                     }
                     Some(b'Q') => {
+                        let ex = if is_setting(cstr(body).0) {
+                            Exchange::Setting
+                        } else {
+                            Exchange::Statement
+                        };
                         if let Ok(mut p) = pending.lock() {
-                            p.push_back(Exchange::Statement);
+                            p.push_back(ex);
                         }
                     }
                     Some(b'X') | Some(b'H') | None => {}
@@ -1282,6 +1331,10 @@ async fn proxy_connection(
                             }
                             Some(Exchange::Prepare) => {
                                 stats.prepares.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Some(Exchange::Setting) => {
+                                stats.statements.fetch_add(1, Ordering::SeqCst);
+                                stats.settings.fetch_add(1, Ordering::SeqCst);
                             }
                             Some(Exchange::Statement) => {
                                 stats.statements.fetch_add(1, Ordering::SeqCst);

@@ -122,6 +122,7 @@ impl TestEnv {
             db_pool: 5,
             stuck_queued: Duration::from_secs(300),
             retention_days: 30,
+            claim_hold: Duration::from_millis(20),
             test_workflows: true,
         };
         let shutdown = CancellationToken::new();

@@ -83,6 +83,10 @@ pub struct EngineConfig {
     pub stuck_queued: Duration,
     /// `ORRERY_RETENTION_DAYS`: finished runs older than this are purged by cron.
     pub retention_days: u32,
+    /// `ORRERY_CLAIM_HOLD_MS`: how long a process with nothing else in
+    /// flight keeps a claim's transaction open for the run's first write, so
+    /// both share one commit (see [`crate::hold`]); 0 turns this off.
+    pub claim_hold: Duration,
     /// `ORRERY_TEST_WORKFLOWS=1`: also register the workflows the test suite
     /// and the benchmark drive through real worker processes.
     pub test_workflows: bool,
@@ -120,6 +124,7 @@ impl EngineConfig {
             db_pool: var("ORRERY_DB_POOL", 10)?,
             stuck_queued: millis("ORRERY_STUCK_QUEUED_MS", 300_000)?,
             retention_days: var("ORRERY_RETENTION_DAYS", 30)?,
+            claim_hold: Duration::from_millis(var("ORRERY_CLAIM_HOLD_MS", 20)?),
             test_workflows: flag("ORRERY_TEST_WORKFLOWS", false)?,
         })
     }

@@ -31,6 +31,7 @@ use crate::{
     config::EngineConfig,
     dispatch::Dispatcher,
     error::{EngineError, StepError},
+    hold::{ClaimHolder, Held, HeldClaim},
     lifecycle::{self, replay::ReplayOutcome, Cursor, Next, Timing},
     state::RunState,
     store::{self, Beat, ClaimedRun, NewRun, ReplayRequest},
@@ -59,6 +60,8 @@ pub struct Engine {
     pub worker_id: Arc<str>,
     writer: CheckpointWriter,
     claimer: store::Claimer,
+    /// Claims made while nothing else is in flight, held for the first write.
+    holder: ClaimHolder,
     timing: Timing,
     /// Runs this process is driving, so a cancel NOTIFY reaches their step.
     inflight: Mutex<HashMap<Uuid, Arc<RunSignals>>>,
@@ -97,6 +100,14 @@ pub fn new_worker_id() -> String {
         .unwrap_or_else(|_| "host".into());
     let suffix = Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+/// Commit a held claim alone, if there is one still open.
+async fn settle(held: Option<&HeldClaim>) -> Result<(), EngineError> {
+    match held {
+        Some(h) => h.settle().await,
+        None => Ok(()),
+    }
 }
 
 enum Guarded<T> {
@@ -154,6 +165,13 @@ impl Engine {
         Arc::new(Engine {
             writer: CheckpointWriter::spawn(pool.clone()),
             claimer: store::Claimer::spawn(pool.clone(), &worker_id, config.lease, claim_stuck_in),
+            holder: ClaimHolder::new(
+                pool.clone(),
+                config.claim_hold,
+                &worker_id,
+                config.lease,
+                claim_stuck_in,
+            ),
             pool,
             registry,
             services: Arc::new(services),
@@ -340,7 +358,7 @@ impl Engine {
     }
 
     async fn claim_and_drive(&self, queue: &str, run_id: Uuid) -> Result<(), EngineError> {
-        let claimed = self.claim(run_id).await?;
+        let (claimed, held) = self.claim(run_id).await?;
         let Some(claimed) = claimed else {
             let state: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
                 .bind(run_id)
@@ -365,6 +383,7 @@ impl Engine {
                 version = claimed.workflow_version,
                 "this worker does not know the run's workflow; lease released for a worker that does"
             );
+            settle(held.as_ref()).await?;
             store::release(&self.pool, run_id, claimed.fence, &self.worker_id).await?;
             return Ok(());
         };
@@ -373,6 +392,7 @@ impl Engine {
                 expected = claimed.queue,
                 "dispatch arrived on the wrong queue; forwarding"
             );
+            settle(held.as_ref()).await?;
             store::release(&self.pool, run_id, claimed.fence, &self.worker_id).await?;
             self.dispatch_or_log(&claimed.queue, run_id).await;
             return Ok(());
@@ -390,8 +410,11 @@ impl Engine {
             run_id,
         };
         let heartbeat = self.spawn_heartbeat(&claimed, signals.clone());
-        let result = self.drive(&wf, claimed, &signals).await;
+        let result = self.drive(&wf, claimed, &signals, held.as_ref()).await;
         heartbeat.abort();
+        // A drive that ended before its first write leaves the claim as a
+        // committed one would be: leased until it expires.
+        settle(held.as_ref()).await?;
         result
     }
 
@@ -432,6 +455,7 @@ impl Engine {
         wf: &Workflow,
         claimed: ClaimedRun,
         signals: &RunSignals,
+        mut held: Option<&HeldClaim>,
     ) -> Result<(), EngineError> {
         let mut c = Cursor::from_claim(&claimed, &self.worker_id);
         let mut outputs = claimed.outputs.clone();
@@ -446,6 +470,14 @@ impl Engine {
             }
             if signals.cancel_requested.load(Ordering::SeqCst) && c.cancel.is_none() {
                 c.cancel = Some(self.cancel_info(c.run_id).await?);
+            }
+            if matches!(
+                wf.steps.get(c.cursor as usize).map(|s| &s.body),
+                Some(StepBody::FanOut { .. })
+            ) && c.state != RunState::Compensating
+            {
+                // Item checkpoints are fenced by the committed claim.
+                settle(held.take()).await?;
             }
             let started_at = Utc::now();
             let (update, next, done_output) = if c.state == RunState::Compensating {
@@ -477,7 +509,14 @@ impl Engine {
             let mut next_c = c.clone();
             next_c.apply(&update);
             let done_step = update.checkpoint.as_ref().map(|ck| ck.step.clone());
-            if !self.commit(update).await? {
+            let applied = match held.take() {
+                Some(h) => match h.commit_with(&update).await? {
+                    Some(applied) => applied,
+                    None => self.commit(update).await?,
+                },
+                None => self.commit(update).await?,
+            };
+            if !applied {
                 tracing::warn!("fence moved: lease lost, nothing committed");
                 return Ok(());
             }
@@ -543,19 +582,28 @@ impl Engine {
         }
     }
 
-    /// Claim through the claimer, asking again while the database cannot be
-    /// reached (see [`Outage`]), so a dispatch that arrives during an outage
-    /// runs once it ends instead of waiting for the reconciler. Every send
-    /// carries the same claim id, so a claim whose commit happened but whose
-    /// answer was lost gets its run on the next send.
-    async fn claim(&self, run_id: Uuid) -> Result<Option<ClaimedRun>, EngineError> {
-        let mut outage = Outage::new(self.config.lease);
+    /// Claim the run. A process with nothing else in flight holds the
+    /// claim open for the run's first write ([`crate::hold`]); otherwise
+    /// (or when that cannot be done now) the claim goes through the
+    /// claimer, asking again while the database cannot be reached (see
+    /// [`Outage`]), so a dispatch that arrives during an outage runs once it
+    /// ends instead of waiting for the reconciler. Every send carries the
+    /// same claim id, so a claim whose commit happened but whose answer was
+    /// lost gets its run on the next send.
+    async fn claim(&self, run_id: Uuid) -> Result<Held, EngineError> {
         // One id for every send of this claim (see `Claimer::claim`).
         let claim_id = Uuid::now_v7();
+        // This dispatch is the only one being handled.
+        if self.active.load(Ordering::SeqCst) == 1 {
+            if let Some(held) = self.holder.claim(run_id, claim_id).await {
+                return Ok(held);
+            }
+        }
+        let mut outage = Outage::new(self.config.lease);
         loop {
             match self.claimer.claim(run_id, claim_id).await {
                 Err(EngineError::Unavailable(why)) if outage.wait(&why, &self.shutdown).await => {}
-                other => return other,
+                other => return other.map(|run| (run, None)),
             }
         }
     }

@@ -9,7 +9,8 @@
 //!   run and an outcome to the single write ([`store::RunUpdate`]) that commits it.
 //! - [`store`]: every SQL statement of the engine (claim, heartbeat, submit,
 //!   cancel, replay, queries) and the batching checkpoint [`writer`]; both
-//!   the claimer and the writer batch through [`batch`].
+//!   the claimer and the writer batch through [`batch`]; a lone claim is
+//!   held open to share its commit with the run's first write ([`hold`]).
 //! - [`executor`]: claims a dispatched run and drives its steps, inline while
 //!   they stay on one queue, handing over through [`dispatch`] when they do not.
 //! - [`consumer`]: one apalis worker per queue, feeding dispatches to the executor.
@@ -29,6 +30,7 @@ pub mod cron;
 pub mod dispatch;
 pub mod error;
 pub mod executor;
+pub mod hold;
 pub mod infra;
 pub mod lifecycle;
 pub mod provisioning;

@@ -181,6 +181,27 @@ fn recorded(name: &'static str, queue: &str, works: bool) -> Step {
     .retry(RetryPolicy::default().delays(Duration::from_millis(50), Duration::from_millis(500)))
 }
 
+/// Records itself, works, then reports what another session sees of the
+/// run's row: whether this worker's claim is visible yet.
+fn seen(name: &'static str) -> Step {
+    Step::new(
+        name,
+        "alpha",
+        move |ctx: StepCtx, input: TestInput| async move {
+            effect(&input, &ctx, name)?;
+            work(&ctx, &input).await;
+            let pool = ctx.service::<sqlx::PgPool>()?;
+            let (state, leased_by): (String, Option<String>) =
+                sqlx::query_as("SELECT state, lease_owner FROM runs WHERE id = $1")
+                    .bind(ctx.run_id)
+                    .fetch_one(&*pool)
+                    .await
+                    .map_err(|e| StepError::retryable(format!("database: {e}")))?;
+            Ok(json!({ "state": state, "leased_by": leased_by }))
+        },
+    )
+}
+
 fn undo(
     name: &'static str,
 ) -> impl Fn(StepCtx, TestInput) -> futures::future::Ready<Result<(), StepError>> + Send + Sync + 'static
@@ -236,6 +257,10 @@ fn test_workflows_all() -> Vec<Workflow> {
             .step(plain("two", "alpha"))
             .step(plain("three", "alpha"))
             .step(plain("four", "alpha")),
+        // Held claims: each step says whether the run's claim is visible.
+        Workflow::new("test.seen", 1)
+            .step(seen("first"))
+            .step(seen("second")),
         // Fan-out with per-item checkpoints.
         Workflow::new("test.fanout", 1).step(
             Step::fan_out(
