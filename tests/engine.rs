@@ -50,16 +50,7 @@ async fn steps_spanning_two_queues_run_to_success_on_two_worker_processes() {
 async fn a_worker_killed_mid_step_is_finished_by_another_from_the_last_checkpoint() {
     let mut env = TestEnv::new("sigkill").await;
     let doomed = env.spawn_worker(&["--queues", "alpha"]);
-    let id = env
-        .submit(
-            "test.chain",
-            json!({ "effects": env.effects_path(), "sleep_ms": 1200 }),
-        )
-        .await;
-    env.wait_until("step `two` to start", T, || async {
-        env.count(id, "two") == 1
-    })
-    .await;
+    let id = chain_until(&env, 1200, "two").await;
     env.workers[doomed].child.kill().unwrap(); // SIGKILL
     env.workers[doomed].child.wait().unwrap();
     let checkpointed_before: Vec<String> = store::steps(&env.pool, id)
@@ -498,48 +489,33 @@ async fn a_claim_sent_again_after_a_lost_answer_gets_its_run() {
     assert_eq!((owner.as_deref(), fence), (Some("claimer-a"), again.fence));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
-    let mut env = TestEnv::new("paused").await;
-    // A committed lease, not a claim held open (see the held-claim tests).
-    let paused = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(0));
-    let id = env
-        .submit(
-            "test.chain",
-            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
-        )
-        .await;
-    env.wait_until("step `one` to start", T, || async {
-        env.count(id, "one") == 1
-    })
-    .await;
-    env.workers[paused].signal("STOP");
-    let paused_id = env.effects_of(id)[0].worker.clone();
+/// A worker stopped (SIGSTOP) in step `one` of a `test.chain` run whose
+/// claim it holds for `hold` ms (0: committed at once), while another
+/// worker and the scheduler finish the run; once resumed, it must notice
+/// (its log shows one of `noticed`) and none of the run's steps may be its.
+async fn stopped_in_step_one_commits_nothing(name: &str, hold: u64, noticed: &[&str]) {
+    let mut env = TestEnv::new(name).await;
+    let stopped = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(hold));
+    let id = chain_until(&env, 1500, "one").await;
+    env.workers[stopped].signal("STOP");
+    let stopped_id = env.effects_of(id)[0].worker.clone();
     env.spawn_worker(&["--queues", "alpha"]);
     env.spawn_worker(&["--scheduler"]);
     let run = env.wait_state(id, DONE, T).await;
-    assert_eq!(run.state, RunState::Succeeded);
-    let fence = run.fence;
-    env.workers[paused].signal("CONT");
-    env.wait_until(
-        "the paused worker to notice it lost the lease",
-        T,
-        || async {
-            let log = env.workers[paused].log_text();
-            log.contains("lease lost") || log.contains("fence moved")
-        },
-    )
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    env.workers[stopped].signal("CONT");
+    env.wait_until("the resumed worker to notice", T, || async {
+        let log = env.workers[stopped].log_text();
+        noticed.iter().any(|n| log.contains(n))
+    })
     .await;
     let after = env.run(id).await;
-    assert_eq!((after.state, after.fence), (RunState::Succeeded, fence));
+    assert_eq!((after.state, after.fence), (RunState::Succeeded, run.fence));
     for step in store::steps(&env.pool, id).await.unwrap() {
-        let worker = step.output.as_ref().unwrap()["worker"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let worker = step.output.as_ref().unwrap()["worker"].as_str().unwrap();
         assert_ne!(
-            worker, paused_id,
-            "step {} was committed by the paused worker",
+            worker, stopped_id,
+            "step {} was committed by the stopped worker",
             step.step
         );
         assert_eq!(
@@ -548,6 +524,12 @@ async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
             step.step
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_cannot_commit_afterwards() {
+    // A committed lease, not a claim held open (see the held-claim tests).
+    stopped_in_step_one_commits_nothing("paused", 0, &["lease lost", "fence moved"]).await;
 }
 
 /// What a step of `test.seen` saw of its run's row from another session.
@@ -610,6 +592,22 @@ async fn a_lone_claim_commits_with_the_first_step_or_alone_when_the_window_ends(
     }
 }
 
+/// Submit a `test.chain` run whose steps take `sleep_ms` each and wait
+/// until its step `step` has started.
+async fn chain_until(env: &TestEnv, sleep_ms: u64, step: &str) -> Uuid {
+    let id = env
+        .submit(
+            "test.chain",
+            json!({ "effects": env.effects_path(), "sleep_ms": sleep_ms }),
+        )
+        .await;
+    env.wait_until(&format!("step `{step}` to start"), T, || async {
+        env.count(id, step) == 1
+    })
+    .await;
+    id
+}
+
 fn hold_ms(ms: u64) -> [(String, String); 1] {
     [("ORRERY_CLAIM_HOLD_MS".to_owned(), ms.to_string())]
 }
@@ -621,16 +619,7 @@ fn hold_ms(ms: u64) -> [(String, String); 1] {
 async fn a_worker_killed_while_holding_a_claim_leaves_its_run_unclaimed() {
     let mut env = TestEnv::new("held_kill").await;
     let doomed = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(10_000));
-    let id = env
-        .submit(
-            "test.chain",
-            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
-        )
-        .await;
-    env.wait_until("step `one` to start", T, || async {
-        env.count(id, "one") == 1
-    })
-    .await;
+    let id = chain_until(&env, 1500, "one").await;
     env.workers[doomed].child.kill().unwrap(); // SIGKILL
     env.workers[doomed].child.wait().unwrap();
     let run = env.run(id).await;
@@ -659,44 +648,15 @@ async fn a_worker_killed_while_holding_a_claim_leaves_its_run_unclaimed() {
 /// resumed, finds its claim gone and commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_while_holding_a_claim_loses_it_and_commits_nothing() {
-    let mut env = TestEnv::new("held_stop").await;
-    // The claim is held longer than step `one` takes, so it is still open
-    // when the worker stops.
-    let stopped = env.spawn_worker_env(&["--queues", "alpha"], &hold_ms(2000));
-    let id = env
-        .submit(
-            "test.chain",
-            json!({ "effects": env.effects_path(), "sleep_ms": 1500 }),
-        )
-        .await;
-    env.wait_until("step `one` to start", T, || async {
-        env.count(id, "one") == 1
-    })
+    // Held longer than step `one` takes, so the claim is still open when the
+    // worker stops. Its window timer or its first write, whichever runs
+    // first once it is resumed, finds the claim gone.
+    stopped_in_step_one_commits_nothing(
+        "held_stop",
+        2000,
+        &["a held claim could not be committed"],
+    )
     .await;
-    env.workers[stopped].signal("STOP");
-    let stopped_id = env.effects_of(id)[0].worker.clone();
-    env.spawn_worker(&["--queues", "alpha"]);
-    env.spawn_worker(&["--scheduler"]);
-    let run = env.wait_state(id, DONE, T).await;
-    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
-    env.workers[stopped].signal("CONT");
-    env.wait_until("the resumed worker to find its claim gone", T, || async {
-        // Its window timer or its first write, whichever runs first.
-        env.workers[stopped]
-            .log_text()
-            .contains("a held claim could not be committed")
-    })
-    .await;
-    let after = env.run(id).await;
-    assert_eq!((after.state, after.fence), (RunState::Succeeded, run.fence));
-    for step in store::steps(&env.pool, id).await.unwrap() {
-        let worker = step.output.as_ref().unwrap()["worker"].as_str().unwrap();
-        assert_ne!(
-            worker, stopped_id,
-            "step {} was committed by the stopped worker",
-            step.step
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
