@@ -510,7 +510,7 @@ impl Engine {
             next_c.apply(&update);
             let done_step = update.checkpoint.as_ref().map(|ck| ck.step.clone());
             let applied = match held.take() {
-                Some(h) => match h.commit_with(&update).await? {
+                Some(h) => match h.commit_with(&update).await {
                     Some(applied) => applied,
                     None => self.commit(update).await?,
                 },

@@ -148,10 +148,6 @@ impl ClaimHolder {
     }
 }
 
-/// A claim whose transaction is still open, shared by the run's driver and
-/// the timer that commits it alone when the window ends. Each of them
-/// commits under the lock, so a write sent the usual way after finding the
-/// claim gone can never reach the database before the claim's commit.
 /// What a worker logs when its held claim could not be committed.
 const LOST: &str = "a held claim could not be committed; the run is left to the reconciler";
 
@@ -160,6 +156,10 @@ fn lost(err: &sqlx::Error) -> bool {
     false
 }
 
+/// A claim whose transaction is still open, shared by the run's driver and
+/// the timer that commits it alone when the window ends. Each of them
+/// commits under the lock, so a write sent the usual way after finding the
+/// claim gone can never reach the database before the claim's commit.
 #[derive(Clone)]
 pub struct HeldClaim {
     open: Arc<Mutex<Option<Open>>>,
@@ -205,24 +205,22 @@ impl HeldClaim {
     /// stall, the connection broke). If such a commit did happen after all,
     /// the run is leased to this worker with its first write done, and is
     /// reclaimed from there once the lease expires.
-    pub async fn commit_with(&self, update: &RunUpdate) -> Result<Option<bool>, EngineError> {
+    pub async fn commit_with(&self, update: &RunUpdate) -> Option<bool> {
         let mut guard = self.open.lock().await;
-        let Some(mut open) = guard.take() else {
-            return Ok(None);
-        };
+        let mut open = guard.take()?;
         let written = async {
             let applied = writer::write_batch(&mut open.conn, &[update]).await?;
             Ok::<_, sqlx::Error>(applied.contains(&update.run_id))
         }
         .await;
         // On an error `open` is dropped with its connection: rolled back.
-        match written {
+        Some(match written {
             Ok(applied) => match open.commit().await {
-                Ok(()) => Ok(Some(applied)),
-                Err(err) => Ok(Some(lost(&err))),
+                Ok(()) => applied,
+                Err(err) => lost(&err),
             },
-            Err(err) => Ok(Some(lost(&err))),
-        }
+            Err(err) => lost(&err),
+        })
     }
 
     /// Commit the claim alone if it is still open.
