@@ -471,10 +471,12 @@ impl Engine {
             if signals.cancel_requested.load(Ordering::SeqCst) && c.cancel.is_none() {
                 c.cancel = Some(self.cancel_info(c.run_id).await?);
             }
-            if matches!(
-                wf.steps.get(c.cursor as usize).map(|s| &s.body),
-                Some(StepBody::FanOut { .. })
-            ) && c.state != RunState::Compensating
+            if held.is_some()
+                && c.state != RunState::Compensating
+                && matches!(
+                    wf.steps.get(c.cursor as usize).map(|s| &s.body),
+                    Some(StepBody::FanOut { .. })
+                )
             {
                 // Item checkpoints are fenced by the committed claim.
                 settle(held.take()).await?;
@@ -509,11 +511,14 @@ impl Engine {
             let mut next_c = c.clone();
             next_c.apply(&update);
             let done_step = update.checkpoint.as_ref().map(|ck| ck.step.clone());
-            let applied = match held.take() {
-                Some(h) => match h.commit_with(&update).await {
-                    Some(applied) => applied,
-                    None => self.commit(update).await?,
-                },
+            // The first write goes into a held claim's transaction, unless
+            // the window already committed the claim alone.
+            let in_held = match held.take() {
+                Some(h) => h.commit_with(&update).await,
+                None => None,
+            };
+            let applied = match in_held {
+                Some(applied) => applied,
                 None => self.commit(update).await?,
             };
             if !applied {

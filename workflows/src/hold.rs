@@ -35,8 +35,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::{
+    batch::BatchStatement,
     error::EngineError,
-    store::{self, ClaimRequest, ClaimedRun},
+    store::{ClaimRequest, ClaimStatement, ClaimedRun},
     writer::{self, RunUpdate},
 };
 
@@ -55,9 +56,8 @@ pub struct ClaimHolder {
     slot: Arc<Mutex<Slot>>,
     pool: PgPool,
     window: Duration,
-    owner: String,
-    lease: Duration,
-    stuck_in: Duration,
+    /// The claimer's own statement, sent on the held connection.
+    statement: ClaimStatement,
 }
 
 /// What [`ClaimHolder::claim`] got: the run (if it was claimable) and, when
@@ -65,8 +65,8 @@ pub struct ClaimHolder {
 pub type Held = (Option<ClaimedRun>, Option<HeldClaim>);
 
 impl ClaimHolder {
-    /// Claims for `owner` (see [`store::Claimer::spawn`]); a zero `window`
-    /// holds none.
+    /// Claims for `owner` (see [`crate::store::Claimer::spawn`]); a zero
+    /// `window` holds none.
     pub fn new(
         pool: PgPool,
         window: Duration,
@@ -78,9 +78,7 @@ impl ClaimHolder {
             slot: Arc::default(),
             pool,
             window,
-            owner: owner.to_owned(),
-            lease,
-            stuck_in,
+            statement: ClaimStatement::new(owner, lease, stuck_in),
         }
     }
 
@@ -107,19 +105,17 @@ impl ClaimHolder {
         let request = ClaimRequest { run_id, claim_id };
         let claimed = async {
             sqlx::query("BEGIN").execute(&mut conn).await?;
-            let mut runs = store::claim_many(
-                &mut conn,
-                &[request],
-                &self.owner,
-                self.lease,
-                self.stuck_in,
-            )
-            .await?;
-            if runs.is_empty() {
+            let run = self
+                .statement
+                .execute(&mut conn, &[request])
+                .await?
+                .pop()
+                .flatten();
+            if run.is_none() {
                 // Nothing was claimed, so nothing to keep open.
                 sqlx::query("COMMIT").execute(&mut conn).await?;
             }
-            Ok::<_, sqlx::Error>(runs.pop())
+            Ok::<_, sqlx::Error>(run)
         }
         .await;
         match claimed {

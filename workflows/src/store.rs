@@ -61,13 +61,13 @@ impl Claimer {
     /// Claims for `owner`, each lease lasting `lease`, the run stuck if it
     /// makes no progress for `stuck_in`.
     pub fn spawn(pool: PgPool, owner: &str, lease: Duration, stuck_in: Duration) -> Self {
-        let statement = ClaimStatement {
-            owner: owner.to_owned(),
-            lease,
-            stuck_in,
-        };
         Claimer {
-            batcher: Batcher::spawn(pool, statement, CLAIMERS, MAX_CLAIMS),
+            batcher: Batcher::spawn(
+                pool,
+                ClaimStatement::new(owner, lease, stuck_in),
+                CLAIMERS,
+                MAX_CLAIMS,
+            ),
         }
     }
 
@@ -110,10 +110,22 @@ const MAX_CLAIMS: usize = 64;
 /// this do they share a statement.
 const CLAIMERS: usize = 4;
 
-struct ClaimStatement {
+/// The claim statement of one worker process (see [`Claimer::spawn`]): run
+/// by the claimer's batches and by a claim held open ([`crate::hold`]).
+pub(crate) struct ClaimStatement {
     owner: String,
     lease: Duration,
     stuck_in: Duration,
+}
+
+impl ClaimStatement {
+    pub(crate) fn new(owner: &str, lease: Duration, stuck_in: Duration) -> Self {
+        ClaimStatement {
+            owner: owner.to_owned(),
+            lease,
+            stuck_in,
+        }
+    }
 }
 
 impl BatchStatement for ClaimStatement {
