@@ -8,7 +8,10 @@ use std::{collections::HashSet, time::Duration};
 use orrery_workflows::{
     cron, reconciler,
     store::{self, ReplayRequest},
-    writer::{write_batch, Checkpoint, CheckpointKind, DispatchMark, RunUpdate},
+    writer::{
+        write_and_claim, write_batch, Checkpoint, CheckpointKind, CheckpointWriter, DispatchMark,
+        RunUpdate,
+    },
     EngineError, RunState,
 };
 use serde_json::json;
@@ -300,7 +303,7 @@ async fn the_same_dispatch_delivered_twice_runs_each_step_once() {
     );
 }
 
-/// Claims that arrive together share statements (`store::Claimer`), yet
+/// Claims that arrive together share statements (`CheckpointWriter`), yet
 /// each asker gets its own answer: every queued run goes to exactly one
 /// asker (a run asked for twice: to one of the two, whether both asks share
 /// a statement or not), an unknown run to nobody, and a run already leased
@@ -317,15 +320,15 @@ async fn claims_arriving_together_each_get_their_own_answer() {
         );
     }
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
-    let claimer = store::Claimer::spawn(env.pool.clone(), "claimer-a", lease, stuck);
+    let claimer = CheckpointWriter::spawn(env.pool.clone(), "claimer-a", lease, stuck);
     let unknown = Uuid::new_v4();
     let mut asks = ids.clone();
     asks.extend([ids[0], unknown, ids[5]]);
     let answers =
         futures::future::join_all(asks.iter().map(|id| claimer.claim(*id, Uuid::now_v7()))).await;
     let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
-    // Asks for one run may land in different statements (the claimer runs
-    // several at once): whichever commits first wins, the other gets None.
+    // Asks for one run may land in different statements: whichever commits
+    // first wins, the other gets None.
     for id in ids.iter().chain([&unknown]) {
         let won: Vec<_> = asks
             .iter()
@@ -360,7 +363,7 @@ async fn claims_arriving_together_each_get_their_own_answer() {
         "{owners:?}"
     );
     // A second worker's claimer: the leases are live, so nothing is taken over.
-    let other = store::Claimer::spawn(env.pool.clone(), "claimer-b", lease, stuck);
+    let other = CheckpointWriter::spawn(env.pool.clone(), "claimer-b", lease, stuck);
     assert!(other.claim(ids[3], Uuid::now_v7()).await.unwrap().is_none());
     assert_eq!(
         env.run(ids[3]).await.fence,
@@ -380,37 +383,13 @@ async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
         .submit("test.chain", json!({ "effects": env.effects_path() }))
         .await;
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
-    let mine = store::Claimer::spawn(env.pool.clone(), "resender", lease, stuck);
+    let mine = CheckpointWriter::spawn(env.pool.clone(), "resender", lease, stuck);
     let run = mine
         .claim(id, Uuid::now_v7())
         .await
         .unwrap()
         .expect("claimable");
-    let update = RunUpdate {
-        write_id: Uuid::now_v7(),
-        resent: false,
-        run_id: id,
-        fence: run.fence,
-        owner: "resender".into(),
-        state: RunState::Running,
-        cursor: 1,
-        attempt: 0,
-        queue: "alpha".into(),
-        compensate_cursor: None,
-        wake_in: None,
-        release: false,
-        dispatch: DispatchMark::Keep,
-        error: None,
-        output: None,
-        stuck_in: Some(stuck),
-        checkpoint: Some(Checkpoint {
-            index: 0,
-            step: "one".into(),
-            kind: CheckpointKind::Done(json!({ "step": "one" })),
-            started_at: chrono::Utc::now(),
-        }),
-        event: Some(("step_succeeded".into(), None)),
-    };
+    let update = step_one_done(id, run.fence, "resender", stuck);
     let mut conn = env.pool.acquire().await.unwrap();
     assert_eq!(write_batch(&mut *conn, &[&update]).await.unwrap(), [id]);
     let again = RunUpdate {
@@ -438,7 +417,7 @@ async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
         .execute(&env.pool)
         .await
         .unwrap();
-    let theirs = store::Claimer::spawn(env.pool.clone(), "taker", lease, stuck);
+    let theirs = CheckpointWriter::spawn(env.pool.clone(), "taker", lease, stuck);
     let taken = theirs
         .claim(id, Uuid::now_v7())
         .await
@@ -446,6 +425,125 @@ async fn a_checkpoint_sent_again_after_a_lost_answer_is_written_once() {
         .expect("expired lease is claimable");
     assert_eq!(taken.cursor, 1, "the taker resumes after the checkpoint");
     assert!(write_batch(&mut *conn, &[&again]).await.unwrap().is_empty());
+}
+
+/// The write of a `test.chain` run's step `one`, done, by `owner` holding
+/// the run's lease at `fence`.
+fn step_one_done(run_id: Uuid, fence: i64, owner: &str, stuck: Duration) -> RunUpdate {
+    RunUpdate {
+        write_id: Uuid::now_v7(),
+        resent: false,
+        run_id,
+        fence,
+        owner: owner.into(),
+        state: RunState::Running,
+        cursor: 1,
+        attempt: 0,
+        queue: "alpha".into(),
+        compensate_cursor: None,
+        wake_in: None,
+        release: false,
+        dispatch: DispatchMark::Keep,
+        error: None,
+        output: None,
+        stuck_in: Some(stuck),
+        checkpoint: Some(Checkpoint {
+            index: 0,
+            step: "one".into(),
+            kind: CheckpointKind::Done(json!({ "step": "one" })),
+            started_at: chrono::Utc::now(),
+        }),
+        event: Some(("step_succeeded".into(), None)),
+    }
+}
+
+/// A worker's claims share its checkpoint statements: claims waiting while
+/// a write is in flight are made by the next write's statement. Such a
+/// statement writes what the lease allows and claims what is claimable, as
+/// the two statements would apart: a run asked for twice is claimed once, a
+/// run the statement also writes (a duplicate dispatch of a run this worker
+/// holds) is refused and keeps its fence, and a write sent again after a
+/// lost answer is answered applied without being written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_and_claims_share_one_statement() {
+    use orrery_workflows::store::{ClaimRequest, ClaimStatement};
+
+    let env = TestEnv::new("write_claim").await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        // Queue `alpha` has no consumer here: the runs wait for these claims.
+        ids.push(
+            env.submit("test.chain", json!({ "effects": env.effects_path() }))
+                .await,
+        );
+    }
+    let (held, others) = (ids[0], &ids[1..]);
+    let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
+    let claims = ClaimStatement::new("w", lease, stuck);
+    let writer = CheckpointWriter::spawn(env.pool.clone(), "w", lease, stuck);
+    let run = writer
+        .claim(held, Uuid::now_v7())
+        .await
+        .unwrap()
+        .expect("claimable");
+    let update = step_one_done(held, run.fence, "w", stuck);
+    let ask = |run_id| ClaimRequest {
+        run_id,
+        claim_id: Uuid::now_v7(),
+    };
+    let asks = [ask(others[0]), ask(held), ask(others[1]), ask(others[0])];
+    let mut conn = env.pool.acquire().await.unwrap();
+    let (written, claimed) = write_and_claim(
+        &mut conn,
+        &[&update],
+        &claims,
+        &asks.iter().collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, [held], "the write is applied");
+    let mut got: Vec<Uuid> = claimed.iter().map(|r| r.id).collect();
+    got.sort();
+    let mut want = vec![others[0], others[1]];
+    want.sort();
+    assert_eq!(got, want, "each claimable run once, the written one not");
+    assert!(claimed
+        .iter()
+        .all(|r| (r.state, r.prev_state, r.fence) == (RunState::Running, RunState::Queued, 1)));
+    let held_now = env.run(held).await;
+    assert_eq!(
+        (held_now.fence, held_now.cursor),
+        (run.fence, 1),
+        "the held run was written, not claimed again"
+    );
+    // The same write sent again, with a claim: applied once, and the claim made.
+    let again = RunUpdate {
+        resent: true,
+        ..update.clone()
+    };
+    let (written, claimed) = write_and_claim(&mut conn, &[&again], &claims, &[&ask(others[2])])
+        .await
+        .unwrap();
+    assert_eq!(written, [held], "the second send is answered applied");
+    assert_eq!(
+        claimed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [others[2]]
+    );
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_history WHERE run_id = $1 AND event = 'step_succeeded'",
+    )
+    .bind(held)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, 1, "written once");
+    // Nothing claimable and a lost lease: nothing written, nothing claimed,
+    // and still an answer.
+    let stale = step_one_done(held, run.fence - 1, "w", stuck);
+    let (written, claimed) = write_and_claim(&mut conn, &[&stale], &claims, &[&ask(others[2])])
+        .await
+        .unwrap();
+    assert!(written.is_empty() && claimed.is_empty());
 }
 
 /// A claim sent again because its first answer was lost (the database cut
@@ -460,7 +558,7 @@ async fn a_claim_sent_again_after_a_lost_answer_gets_its_run() {
         .submit("test.chain", json!({ "effects": env.effects_path() }))
         .await;
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
-    let mine = store::Claimer::spawn(env.pool.clone(), "claimer-a", lease, stuck);
+    let mine = CheckpointWriter::spawn(env.pool.clone(), "claimer-a", lease, stuck);
     let claim = Uuid::now_v7();
     let first = mine.claim(id, claim).await.unwrap().expect("claimable");
     // Its answer is "lost": the same claim is sent again.
@@ -478,7 +576,7 @@ async fn a_claim_sent_again_after_a_lost_answer_gets_its_run() {
     // A new dispatch of the same run to the same worker is a new claim.
     assert!(mine.claim(id, Uuid::now_v7()).await.unwrap().is_none());
     // Another worker, even with the same claim id, finds a live lease.
-    let other = store::Claimer::spawn(env.pool.clone(), "claimer-b", lease, stuck);
+    let other = CheckpointWriter::spawn(env.pool.clone(), "claimer-b", lease, stuck);
     assert!(other.claim(id, claim).await.unwrap().is_none());
     let (owner, fence): (Option<String>, i64) =
         sqlx::query_as("SELECT lease_owner, fence FROM runs WHERE id = $1")
@@ -1342,17 +1440,21 @@ async fn a_backlog_past_the_lua_unpack_limit_does_not_wedge_the_queue() {
 }
 
 /// The checkpoint writer and the claimer plan their statements once per
-/// connection (a generic plan, `config::connect_dedicated`) from the table
-/// statistics of the moment. A running installation's statistics say few
-/// runs are unfinished; the claim then reached its rows through the partial
-/// index of unfinished runs and read every one of them at each claim, so a
-/// backlog (an outage, a burst of submissions) made every claim slower. With
-/// such statistics each statement must reach `runs` by primary key only.
+/// connection (a generic plan, `config::connect_keyed`) from the table
+/// statistics of the moment, and keep that plan. Each statement must reach
+/// `runs` by primary key only, whatever those statistics say:
+///
+/// - a new installation's `runs` (never analysed, nearly empty): the
+///   cheapest plan was a sequential scan of `runs` hashed against the batch,
+///   kept while the table grew, so every checkpoint read every run
+///   (`orrery-bench` showed it on each write of each phase);
+/// - a running installation's (few runs unfinished): the claim reached its
+///   rows through the partial index of unfinished runs and read every one
+///   of them at each claim, so a backlog made every claim slower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_statements_look_runs_up_by_key_whatever_the_statistics() {
-    use orrery_workflows::{config::connect_dedicated, store::CLAIM_SQL, writer};
-
     let db = support::TestDb::new("plans").await;
+    assert_plans_look_runs_up_by_key(&db.pool, "a new installation").await;
     sqlx::query(
         "INSERT INTO runs (id, workflow, workflow_version, input, state, queue)
          SELECT gen_random_uuid(), 'test.chain', 1, '{}',
@@ -1363,11 +1465,21 @@ async fn hot_statements_look_runs_up_by_key_whatever_the_statistics() {
     .await
     .unwrap();
     sqlx::query("ANALYZE runs").execute(&db.pool).await.unwrap();
-    let mut conn = connect_dedicated(&db.pool).await.unwrap();
+    assert_plans_look_runs_up_by_key(&db.pool, "few unfinished runs").await;
+}
+
+/// The generic plans of the hot statements, made on a new dedicated
+/// connection, reach `runs` through its primary key only.
+async fn assert_plans_look_runs_up_by_key(pool: &sqlx::PgPool, statistics: &str) {
+    use orrery_workflows::{config::connect_keyed, store::CLAIM_SQL, writer};
+
+    let mut conn = connect_keyed(pool).await.unwrap();
     for (name, sql, params) in [
         ("write", writer::WRITE_SQL, 25),
         ("resend", writer::RESEND_SQL, 25),
-        ("claim", CLAIM_SQL, 5),
+        ("claim", &CLAIM_SQL, 5),
+        ("write_claim", &writer::WRITE_AND_CLAIM_SQL, 30),
+        ("resend_claim", &writer::RESEND_AND_CLAIM_SQL, 30),
     ] {
         sqlx::query(&format!("PREPARE {name} AS {sql}"))
             .execute(&mut conn)
@@ -1383,11 +1495,11 @@ async fn hot_statements_look_runs_up_by_key_whatever_the_statistics() {
         let plan = plan.join("\n");
         assert!(
             !plan.contains("Seq Scan on runs") && !plan.contains("runs_unfinished"),
-            "{name} reads runs beyond the rows it names:\n{plan}"
+            "{name} reads runs beyond the rows it names ({statistics}):\n{plan}"
         );
         assert!(
             plan.contains("Index Scan using runs_pkey on runs"),
-            "{name} looks runs up by key:\n{plan}"
+            "{name} looks runs up by key ({statistics}):\n{plan}"
         );
     }
 }

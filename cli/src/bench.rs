@@ -417,7 +417,7 @@ async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "db",
             &format!("commits/step ({label})"),
             format!(
-                "{:.3} measured (pg_stat_database)   [rows: claims {:.3} + checkpoint statements {:.3}; \
+                "{:.3} measured (pg_stat_database)   [rows: {:.3} claims made (within checkpoint statements when they coincide), {:.3} checkpoint statements; \
                  {:.1} steps per checkpoint statement; {:.0} commits/s]",
                 tp.commits_per_step,
                 tp.claims_per_step,

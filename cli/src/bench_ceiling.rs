@@ -16,7 +16,7 @@ use orrery_workflows::{
     RunState,
 };
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 use crate::bench_common::{backend_pid, timed};
@@ -36,9 +36,8 @@ pub async fn checkpoint_ceiling(
     let mut pids = Vec::with_capacity(conns);
     for _ in 0..conns {
         let mut conn = PgConnection::connect(db_url).await?;
-        // As the engine's writer connection (config::connect_dedicated).
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut conn)
+        // As the engine's writer connection (config::connect_keyed).
+        conn.execute(orrery_workflows::config::KEYED_SESSION)
             .await?;
         pids.push(backend_pid(&mut conn).await?);
         let runs: Vec<Uuid> = (0..per_stmt).map(|_| Uuid::now_v7()).collect();

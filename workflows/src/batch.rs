@@ -1,5 +1,5 @@
-//! The loop shared by the engine's batching tasks: the checkpoint
-//! [`writer`](crate::writer) and the [`claimer`](crate::store::Claimer).
+//! The loop of the engine's batching task, the checkpoint
+//! [`writer`](crate::writer), which also makes the process' claims.
 //!
 //! Callers send one request each and wait for its answer; a task takes
 //! whatever requests are waiting (up to a bound), runs them as one statement
@@ -92,7 +92,7 @@ impl<S: BatchStatement> Batcher<S> {
 
 /// Runs on a connection of its own rather than the pool's: no pool
 /// bookkeeping round-trips (sqlx pings a connection it takes back), and a
-/// generic plan for the statement (see [`crate::config::connect_dedicated`]).
+/// generic plan for the statement (see [`crate::config::connect_keyed`]).
 /// A broken connection is replaced at the next batch; while none can be
 /// made, a pooled one is used.
 async fn run<S: BatchStatement>(pool: PgPool, statement: Arc<S>, rx: Inbox<S>, max_batch: usize) {
@@ -118,7 +118,7 @@ async fn run<S: BatchStatement>(pool: PgPool, statement: Arc<S>, rx: Inbox<S>, m
             }
         }
         if conn.is_none() {
-            conn = crate::config::connect_dedicated(&pool).await.ok();
+            conn = crate::config::connect_keyed(&pool).await.ok();
         }
         let result = match conn.as_mut() {
             Some(c) => statement.execute(c, &requests).await,

@@ -185,17 +185,48 @@ pub async fn connect_db_or_explain(cfg: &EngineConfig) -> anyhow::Result<sqlx::P
         .with_context(|| cannot_connect("PostgreSQL", "ORRERY_DATABASE_URL", &cfg.database_url))
 }
 
+/// The session settings of [`connect_dedicated`]'s connections.
+pub const DEDICATED_SESSION: &str = "SET plan_cache_mode = force_generic_plan";
+
+/// The session settings of [`connect_keyed`]'s connections.
+pub const KEYED_SESSION: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
+
 /// A connection of its own (outside the pool) for a task that runs the same
-/// few statements over and over in a loop (the checkpoint writer, the API's
-/// admission batches): with a generic plan PostgreSQL plans each prepared
-/// statement once instead of at every execution, which for their multi-CTE,
-/// array-parameter statements costs more than executing them.
+/// few statements over and over in a loop (the API's admission batches):
+/// with a generic plan PostgreSQL plans each prepared statement once instead
+/// of at every execution, which for their multi-CTE, array-parameter
+/// statements costs more than executing them.
 pub async fn connect_dedicated(pool: &sqlx::PgPool) -> Result<sqlx::PgConnection, sqlx::Error> {
-    use sqlx::Connection;
+    connect_with_session(pool, DEDICATED_SESSION).await
+}
+
+/// A dedicated connection ([`connect_dedicated`]) for statements that only
+/// address rows by key: the checkpoint writer's and the claims.
+///
+/// A generic plan is made once, from the statistics of that moment, and kept
+/// for the connection's life. On a new installation (tables never analysed,
+/// or analysed while nearly empty) the cheapest plan for "these runs by id"
+/// was a sequential scan of `runs` hashed against the batch, and every
+/// checkpoint then read the whole table, more of it at each run submitted,
+/// until autovacuum's next ANALYZE (found by `orrery-bench`: every write of
+/// a run seq-scanned `runs`). Here sequential scans are priced out, so a
+/// plan uses the index whenever there is one, whatever the statistics say.
+/// (Not for the admission batches: their ledger reads whole small tables,
+/// and priced out of sequential scans they fell from about 4,000 to 34
+/// submissions/s.)
+pub async fn connect_keyed(pool: &sqlx::PgPool) -> Result<sqlx::PgConnection, sqlx::Error> {
+    connect_with_session(pool, KEYED_SESSION).await
+}
+
+async fn connect_with_session(
+    pool: &sqlx::PgPool,
+    session: &str,
+) -> Result<sqlx::PgConnection, sqlx::Error> {
+    use sqlx::{Connection, Executor};
     let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
-    sqlx::query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut conn)
-        .await?;
+    // Without arguments: one simple-protocol round-trip for every setting.
+    conn.execute(session).await?;
     Ok(conn)
 }
 

@@ -58,8 +58,8 @@ pub struct Engine {
     pub config: EngineConfig,
     /// Unique per process: hostname, pid and a random suffix.
     pub worker_id: Arc<str>,
+    /// Commits the process' transitions and makes its batched claims.
     writer: CheckpointWriter,
-    claimer: store::Claimer,
     /// Claims made while nothing else is in flight, held for the first write.
     holder: ClaimHolder,
     timing: Timing,
@@ -163,8 +163,7 @@ impl Engine {
         // step timeout of any registered workflow, plus leases.
         let claim_stuck_in = timing.running(longest);
         Arc::new(Engine {
-            writer: CheckpointWriter::spawn(pool.clone()),
-            claimer: store::Claimer::spawn(pool.clone(), &worker_id, config.lease, claim_stuck_in),
+            writer: CheckpointWriter::spawn(pool.clone(), &worker_id, config.lease, claim_stuck_in),
             holder: ClaimHolder::new(
                 pool.clone(),
                 config.claim_hold,
@@ -590,13 +589,13 @@ impl Engine {
     /// Claim the run. A process with nothing else in flight holds the
     /// claim open for the run's first write ([`crate::hold`]); otherwise
     /// (or when that cannot be done now) the claim goes through the
-    /// claimer, asking again while the database cannot be reached (see
+    /// checkpoint writer's batches, asking again while the database cannot be reached (see
     /// [`Outage`]), so a dispatch that arrives during an outage runs once it
     /// ends instead of waiting for the reconciler. Every send carries the
     /// same claim id, so a claim whose commit happened but whose answer was
     /// lost gets its run on the next send.
     async fn claim(&self, run_id: Uuid) -> Result<Held, EngineError> {
-        // One id for every send of this claim (see `Claimer::claim`).
+        // One id for every send of this claim (see `CheckpointWriter::claim`).
         let claim_id = Uuid::now_v7();
         // This dispatch is the only one being handled.
         if self.active.load(Ordering::SeqCst) == 1 {
@@ -606,7 +605,7 @@ impl Engine {
         }
         let mut outage = Outage::new(self.config.lease);
         loop {
-            match self.claimer.claim(run_id, claim_id).await {
+            match self.writer.claim(run_id, claim_id).await {
                 Err(EngineError::Unavailable(why)) if outage.wait(&why, &self.shutdown).await => {}
                 other => return other.map(|run| (run, None)),
             }

@@ -2,8 +2,9 @@
 //! write.
 //!
 //! A claim is a write of its own ([`crate::store::CLAIM_SQL`]). A busy
-//! process batches its claims ([`crate::store::Claimer`]) so they share
-//! commits with one another; a process with nothing else in flight has
+//! process batches its claims with its checkpoints
+//! ([`crate::writer::CheckpointWriter::claim`]) so they share their
+//! commits; a process with nothing else in flight has
 //! nothing to batch with, so a run of n steps costs n + 1 commits, and at
 //! low load a commit (a WAL flush) is most of what a step costs. Such a
 //! process claims inside a transaction it leaves open on a connection kept
@@ -65,7 +66,7 @@ pub struct ClaimHolder {
 pub type Held = (Option<ClaimedRun>, Option<HeldClaim>);
 
 impl ClaimHolder {
-    /// Claims for `owner` (see [`crate::store::Claimer::spawn`]); a zero
+    /// Claims for `owner` (see [`crate::store::ClaimStatement::new`]); a zero
     /// `window` holds none.
     pub fn new(
         pool: PgPool,
@@ -133,7 +134,7 @@ impl ClaimHolder {
     }
 
     async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
-        let mut conn = crate::config::connect_dedicated(&self.pool).await?;
+        let mut conn = crate::config::connect_keyed(&self.pool).await?;
         let limit = idle_limit(self.window).as_millis();
         sqlx::query(&format!(
             "SET idle_in_transaction_session_timeout = {limit}"

@@ -8,8 +8,8 @@
 //! - [`lifecycle`]: one file per transition; each is a pure function from a
 //!   run and an outcome to the single write ([`store::RunUpdate`]) that commits it.
 //! - [`store`]: every SQL statement of the engine (claim, heartbeat, submit,
-//!   cancel, replay, queries) and the batching checkpoint [`writer`]; both
-//!   the claimer and the writer batch through [`batch`]; a lone claim is
+//!   cancel, replay, queries) and the batching checkpoint [`writer`], which
+//!   batches claims with checkpoints through [`batch`]; a lone claim is
 //!   held open to share its commit with the run's first write ([`hold`]).
 //! - [`executor`]: claims a dispatched run and drives its steps, inline while
 //!   they stay on one queue, handing over through [`dispatch`] when they do not.

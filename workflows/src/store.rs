@@ -17,11 +17,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::{
-    batch::{BatchStatement, Batcher},
-    error::EngineError,
-    state::RunState,
-};
+use crate::{batch::BatchStatement, error::EngineError, state::RunState};
 
 /// A run as its claimer sees it, with every checkpointed output.
 #[derive(Debug, Clone)]
@@ -49,51 +45,6 @@ pub struct ClaimedRun {
     pub step_started_at: Option<DateTime<Utc>>,
 }
 
-/// Claims a worker process makes go through one task (see [`crate::batch`]):
-/// runs dispatched together (the runs of a batch that finished together, a
-/// fan-out's handovers) are claimed by one statement and one commit.
-#[derive(Clone)]
-pub struct Claimer {
-    batcher: Batcher<ClaimStatement>,
-}
-
-impl Claimer {
-    /// Claims for `owner`, each lease lasting `lease`, the run stuck if it
-    /// makes no progress for `stuck_in`.
-    pub fn spawn(pool: PgPool, owner: &str, lease: Duration, stuck_in: Duration) -> Self {
-        Claimer {
-            batcher: Batcher::spawn(
-                pool,
-                ClaimStatement::new(owner, lease, stuck_in),
-                CLAIMERS,
-                MAX_CLAIMS,
-            ),
-        }
-    }
-
-    /// Take the run's lease if it is runnable and nobody holds a live lease.
-    /// Increments the fencing token, so whoever held it before can no longer
-    /// commit. `None`: not claimable (finished, leased, not yet due, unknown,
-    /// or asked for twice in one batch: only the first asker gets it).
-    ///
-    /// `claim_id` names this claim across its sends: a claim sent again
-    /// because the first send's answer was lost (the database went away
-    /// after committing it) finds the lease it took itself and gets the run,
-    /// instead of finding it leased and leaving it for the lease to expire.
-    /// A new dispatch of a run this process holds is a new claim and is
-    /// refused, as for any live lease.
-    pub async fn claim(
-        &self,
-        run_id: Uuid,
-        claim_id: Uuid,
-    ) -> Result<Option<ClaimedRun>, EngineError> {
-        self.batcher
-            .call(ClaimRequest { run_id, claim_id })
-            .await
-            .map_err(|f| f.error)
-    }
-}
-
 /// One claim: the run and the id its sends share.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimRequest {
@@ -101,31 +52,63 @@ pub struct ClaimRequest {
     pub claim_id: Uuid,
 }
 
-/// Most runs claimed by one statement.
-const MAX_CLAIMS: usize = 64;
-
-/// Claim statements that may be in flight at once (one connection each).
-/// A run waits for its claim before anything else, so claims that arrive
-/// one by one must not queue behind each other; only when more arrive than
-/// this do they share a statement.
-const CLAIMERS: usize = 4;
-
-/// The claim statement of one worker process (see [`Claimer::spawn`]): run
-/// by the claimer's batches and by a claim held open ([`crate::hold`]).
-pub(crate) struct ClaimStatement {
+/// The claim statement of one worker process: sent by its checkpoint
+/// writer's batches ([`crate::writer::CheckpointWriter::claim`], alone or
+/// inside a batch's write) and by a claim held open ([`crate::hold`]).
+pub struct ClaimStatement {
     owner: String,
     lease: Duration,
     stuck_in: Duration,
 }
 
 impl ClaimStatement {
-    pub(crate) fn new(owner: &str, lease: Duration, stuck_in: Duration) -> Self {
+    /// Claims for `owner`, each lease lasting `lease`, the run stuck if it
+    /// makes no progress for `stuck_in`.
+    pub fn new(owner: &str, lease: Duration, stuck_in: Duration) -> Self {
         ClaimStatement {
             owner: owner.to_owned(),
             lease,
             stuck_in,
         }
     }
+
+    /// Bind [`claim_ctes`]'s parameters for `requests`, in order.
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        requests: &[ClaimRequest],
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let (ids, claims): (Vec<Uuid>, Vec<Uuid>) =
+            requests.iter().map(|r| (r.run_id, r.claim_id)).unzip();
+        query
+            .bind(ids)
+            .bind(self.owner.as_str())
+            .bind(self.lease.as_secs_f64())
+            .bind(self.stuck_in.as_secs_f64())
+            .bind(claims)
+    }
+}
+
+/// The requests of a batch worth sending: a run asked for twice goes to the
+/// first asker only (the others are answered `None` by [`answer_claims`]).
+pub(crate) fn first_claims<'a>(
+    requests: impl Iterator<Item = &'a ClaimRequest>,
+) -> Vec<ClaimRequest> {
+    let mut seen = HashSet::new();
+    requests
+        .filter(|r| seen.insert(r.run_id))
+        .copied()
+        .collect()
+}
+
+/// Each request's run from the runs a statement claimed, in order.
+pub(crate) fn answer_claims<'a>(
+    requests: impl Iterator<Item = &'a ClaimRequest>,
+    claimed: Vec<ClaimedRun>,
+) -> Vec<Option<ClaimedRun>> {
+    let mut claimed: HashMap<Uuid, ClaimedRun> =
+        claimed.into_iter().map(|run| (run.id, run)).collect();
+    requests.map(|r| claimed.remove(&r.run_id)).collect()
 }
 
 impl BatchStatement for ClaimStatement {
@@ -138,53 +121,32 @@ impl BatchStatement for ClaimStatement {
         conn: &mut PgConnection,
         requests: &[ClaimRequest],
     ) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
-        // A run asked for twice goes to the first asker only.
-        let mut seen = HashSet::new();
-        let first: Vec<ClaimRequest> = requests
-            .iter()
-            .filter(|r| seen.insert(r.run_id))
-            .copied()
-            .collect();
-        let mut claimed: HashMap<Uuid, ClaimedRun> =
-            claim_many(conn, &first, &self.owner, self.lease, self.stuck_in)
-                .await?
-                .into_iter()
-                .map(|run| (run.id, run))
-                .collect();
-        Ok(requests.iter().map(|r| claimed.remove(&r.run_id)).collect())
+        let first = first_claims(requests.iter());
+        let rows = self
+            .bind(sqlx::query(&CLAIM_SQL), &first)
+            .fetch_all(conn)
+            .await?;
+        let claimed = rows.iter().map(claimed_run).collect::<Result<_, _>>()?;
+        Ok(answer_claims(requests.iter(), claimed))
     }
 }
 
-/// Claim every claimable run of `requests` (see [`Claimer::claim`]; one
-/// request per run) in one statement. Rows are locked in id order, so two
-/// claimers asking for the same runs cannot deadlock.
-pub async fn claim_many(
-    conn: &mut PgConnection,
-    requests: &[ClaimRequest],
-    owner: &str,
-    lease: Duration,
-    stuck_in: Duration,
-) -> Result<Vec<ClaimedRun>, sqlx::Error> {
-    let (ids, claims): (Vec<Uuid>, Vec<Uuid>) =
-        requests.iter().map(|r| (r.run_id, r.claim_id)).unzip();
-    let rows = sqlx::query(CLAIM_SQL)
-        .bind(&ids)
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .bind(stuck_in.as_secs_f64())
-        .bind(&claims)
-        .fetch_all(conn)
-        .await?;
-    rows.iter().map(claimed_run).collect()
-}
+/// Parameters of [`claim_ctes`].
+pub const CLAIM_PARAMS: usize = 5;
 
-/// [`claim_many`]'s statement: the run is claimable when it is unfinished,
-/// nobody holds a live lease and it is due (or a cancel is waiting for it),
-/// or when the live lease is the one this very claim took (`last_write` is
-/// its claim id: a send whose answer was lost; nothing was written since).
-/// Such a run comes back with `prev_state` `running`, as a run whose worker
-/// died does: a step that is not safe to repeat is not run again on the
-/// chance that it started.
+/// A claim's CTEs `p` (the requested runs, locked, and whether each is
+/// claimable) and `c` (the claimed runs), parameters from `$first`: run
+/// ids, owner, lease and stuck bound in seconds, claim ids
+/// ([`ClaimStatement::bind`]). `but` excludes runs (an SQL array of ids)
+/// that the same statement writes otherwise: one statement must not update
+/// a row twice.
+///
+/// A run is claimable when it is unfinished, nobody holds a live lease and
+/// it is due (or a cancel is waiting for it), or when the live lease is the
+/// one this very claim took (`last_write` is its claim id: a send whose
+/// answer was lost; nothing was written since). Such a run comes back with
+/// `prev_state` `running`, as a run whose worker died does: a step that is
+/// not safe to repeat is not run again on the chance that it started.
 ///
 /// Whether a run is claimable is decided on the locked rows (`p`), so the
 /// update itself has no condition on `state`. With one, the planner reached
@@ -193,44 +155,65 @@ pub async fn claim_many(
 /// installation): every claim read every unfinished run, so a backlog (an
 /// outage, a burst) made each claim slower until the next `ANALYZE`.
 ///
-/// Rows are locked `FOR NO KEY UPDATE`, the lock the update takes anyway:
-/// it excludes every other claim of the run, and, unlike `FOR UPDATE`, does
-/// not hold up inserts whose foreign keys name the run while a claim is
-/// held open ([`crate::hold`]).
-pub const CLAIM_SQL: &str = "WITH p AS (SELECT r.id, r.state AS prev_state, t.claim_id,
-                         r.state NOT IN ('succeeded', 'failed', 'cancelled')
-                         AND ((r.lease_owner = $2 AND r.last_write = t.claim_id)
-                              OR ((r.lease_until IS NULL OR r.lease_until < now())
-                                  AND (r.wake_at IS NULL OR r.wake_at <= now()
-                                       OR r.cancel_requested_at IS NOT NULL))) AS claimable
-                  FROM runs r JOIN unnest($1::uuid[], $5::uuid[]) AS t(id, claim_id) ON r.id = t.id
-                  ORDER BY r.id FOR NO KEY UPDATE OF r),
+/// Rows are locked in id order, so two claimers asking for the same runs
+/// cannot deadlock, and `FOR NO KEY UPDATE`, the lock the update takes
+/// anyway: it excludes every other claim of the run, and, unlike `FOR
+/// UPDATE`, does not hold up inserts whose foreign keys name the run while
+/// a claim is held open ([`crate::hold`]).
+pub fn claim_ctes(first: usize, but: Option<&str>) -> String {
+    let p = placeholders(first, CLAIM_PARAMS);
+    let (ids, owner, lease, stuck, claim_ids) = (&p[0], &p[1], &p[2], &p[3], &p[4]);
+    let but = but.map_or_else(String::new, |ids| format!("WHERE r.id <> ALL({ids})"));
+    format!(
+        "p AS (SELECT r.id, r.state AS prev_state, t.claim_id,
+                      r.state NOT IN ('succeeded', 'failed', 'cancelled')
+                      AND ((r.lease_owner = {owner} AND r.last_write = t.claim_id)
+                           OR ((r.lease_until IS NULL OR r.lease_until < now())
+                               AND (r.wake_at IS NULL OR r.wake_at <= now()
+                                    OR r.cancel_requested_at IS NOT NULL))) AS claimable
+               FROM runs r JOIN unnest({ids}::uuid[], {claim_ids}::uuid[]) AS t(id, claim_id)
+                    ON r.id = t.id
+               {but}
+               ORDER BY r.id FOR NO KEY UPDATE OF r),
          c AS (
             UPDATE runs r SET
-                lease_owner = $2,
-                lease_until = now() + make_interval(secs => $3),
+                lease_owner = {owner},
+                lease_until = now() + make_interval(secs => {lease}),
                 fence = r.fence + 1,
                 state = CASE WHEN r.state IN ('queued', 'waiting', 'retrying') THEN 'running' ELSE r.state END,
                 wake_at = NULL,
-                stuck_after = now() + make_interval(secs => $4),
+                stuck_after = now() + make_interval(secs => {stuck}),
                 updated_at = now(),
                 last_write = p.claim_id
             FROM p
             WHERE r.id = p.id AND p.claimable
             RETURNING r.*, p.prev_state
-         )
-         SELECT c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,
-                c.attempt, c.queue, c.compensate_cursor, c.fence, c.cancel_requested_by,
-                c.cancel_reason, c.cancel_requested_at IS NOT NULL AS cancel_requested, c.error,
-                COALESCE((SELECT jsonb_object_agg(s.step, s.output) FROM step_checkpoints s
-                          WHERE s.run_id = c.id AND s.output IS NOT NULL), '{}'::jsonb) AS outputs,
-                COALESCE((SELECT s.polls FROM step_checkpoints s
-                          WHERE s.run_id = c.id AND s.step_index = c.cursor), 0) AS polls,
-                (SELECT s.started_at FROM step_checkpoints s
-                 WHERE s.run_id = c.id AND s.step_index = c.cursor) AS step_started_at
-         FROM c";
+         )"
+    )
+}
 
-fn claimed_run(row: &sqlx::postgres::PgRow) -> Result<ClaimedRun, sqlx::Error> {
+/// What a claim answers for each run of `c` ([`claim_ctes`]), read by
+/// [`claimed_run`]: the run with every checkpointed output.
+pub const CLAIMED_COLUMNS: &str =
+    "c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,
+     c.attempt, c.queue, c.compensate_cursor, c.fence, c.cancel_requested_by,
+     c.cancel_reason, c.cancel_requested_at IS NOT NULL AS cancel_requested, c.error,
+     COALESCE((SELECT jsonb_object_agg(s.step, s.output) FROM step_checkpoints s
+               WHERE s.run_id = c.id AND s.output IS NOT NULL), '{}'::jsonb) AS outputs,
+     COALESCE((SELECT s.polls FROM step_checkpoints s
+               WHERE s.run_id = c.id AND s.step_index = c.cursor), 0) AS polls,
+     (SELECT s.started_at FROM step_checkpoints s
+      WHERE s.run_id = c.id AND s.step_index = c.cursor) AS step_started_at";
+
+/// The claim statement alone ([`claim_ctes`] from `$1`).
+pub static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT {CLAIMED_COLUMNS} FROM c",
+        claim_ctes(1, None)
+    )
+});
+
+pub(crate) fn claimed_run(row: &sqlx::postgres::PgRow) -> Result<ClaimedRun, sqlx::Error> {
     let outputs: Value = row.try_get("outputs")?;
     let outputs = match outputs {
         Value::Object(map) => map.into_iter().collect(),

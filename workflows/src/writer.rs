@@ -6,24 +6,34 @@
 //! and fencing token. Updates that arrive while a statement is in flight are
 //! batched into the next statement, so concurrent steps share one commit:
 //! round-trips, not fsync, are what bound throughput on small machines.
+//!
+//! The process' claims go through the same batches
+//! ([`CheckpointWriter::claim`]): a claim waiting while a write is in flight
+//! is made by the next write's statement, so it costs that statement's rows,
+//! not a statement and a commit of its own.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
     batch::{BatchStatement, Batcher, Failed},
+    error::EngineError,
     state::RunState,
+    store::{self, ClaimRequest, ClaimStatement, ClaimedRun},
 };
 
-/// Largest number of transitions committed by one statement.
+/// Largest number of transitions (writes and claims) committed by one
+/// statement.
 const MAX_BATCH: usize = 128;
 
 /// Statements that may be in flight at once (one connection each). One: on
-/// a machine where the database shares the cores, fewer, larger commits win.
+/// a machine where the database shares the cores, fewer, larger commits win
+/// (claims included: before session 11 they had 4 connections of their own,
+/// and at 16 runs in flight made about as many commits as every checkpoint).
 /// Measured in alternating runs of `orrery-bench` (session 3): one writer
 /// batched 8 steps per statement (0.225 commits per step) against 4.8 with
 /// two (0.31), used 106–110 µs of PostgreSQL CPU per step against 113–148,
@@ -107,16 +117,42 @@ pub struct RunUpdate {
     pub event: Option<(String, Option<Value>)>,
 }
 
-/// Handle to the background task that batches and commits [`RunUpdate`]s.
+/// What one worker process asks its writer for.
+// Moved once into the batch's channel and answered once: a box would add
+// an allocation per transition to save a few bytes of a short-lived queue.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Transition {
+    Write(RunUpdate),
+    Claim(ClaimRequest),
+}
+
+/// The answer to a [`Transition`].
+#[allow(clippy::large_enum_variant)] // as for `Transition`
+#[derive(Debug)]
+pub enum Outcome {
+    /// Whether the update's fence and lease matched (it was written).
+    Written(bool),
+    /// The run, when it was claimable.
+    Claimed(Option<ClaimedRun>),
+}
+
+/// Handle to the background task that batches and commits [`RunUpdate`]s
+/// and claims.
 #[derive(Clone)]
 pub struct CheckpointWriter {
-    batcher: Batcher<WriteStatement>,
+    batcher: Batcher<TransitionStatement>,
 }
 
 impl CheckpointWriter {
-    pub fn spawn(pool: PgPool) -> Self {
+    /// The writer of the worker `owner`: its claims lease runs for `lease`,
+    /// stuck if they make no progress for `stuck_in`.
+    pub fn spawn(pool: PgPool, owner: &str, lease: Duration, stuck_in: Duration) -> Self {
+        let statement = TransitionStatement {
+            claims: ClaimStatement::new(owner, lease, stuck_in),
+        };
         CheckpointWriter {
-            batcher: Batcher::spawn(pool, WriteStatement, WRITERS, MAX_BATCH),
+            batcher: Batcher::spawn(pool, statement, WRITERS, MAX_BATCH),
         }
     }
 
@@ -125,36 +161,158 @@ impl CheckpointWriter {
     /// failed write is handed back (see [`Failed`]) so it can be sent again
     /// with `resent` set.
     pub async fn write(&self, update: RunUpdate) -> Result<bool, Failed<RunUpdate>> {
-        self.batcher.call(update).await
+        match self.batcher.call(Transition::Write(update)).await {
+            Ok(Outcome::Written(applied)) => Ok(applied),
+            Ok(Outcome::Claimed(_)) => unreachable!("a write is answered as a write"),
+            Err(Failed { error, request }) => Err(Failed {
+                error,
+                request: request.map(|r| match r {
+                    Transition::Write(update) => update,
+                    Transition::Claim(_) => unreachable!("a write is handed back as a write"),
+                }),
+            }),
+        }
+    }
+
+    /// Take the run's lease if it is runnable and nobody holds a live lease.
+    /// Increments the fencing token, so whoever held it before can no longer
+    /// commit. `None`: not claimable (finished, leased, not yet due, unknown,
+    /// or asked for twice in one batch: only the first asker gets it).
+    ///
+    /// `claim_id` names this claim across its sends: a claim sent again
+    /// because the first send's answer was lost (the database went away
+    /// after committing it) finds the lease it took itself and gets the run,
+    /// instead of finding it leased and leaving it for the lease to expire.
+    /// A new dispatch of a run this process holds is a new claim and is
+    /// refused, as for any live lease.
+    pub async fn claim(
+        &self,
+        run_id: Uuid,
+        claim_id: Uuid,
+    ) -> Result<Option<ClaimedRun>, EngineError> {
+        let request = Transition::Claim(ClaimRequest { run_id, claim_id });
+        match self.batcher.call(request).await {
+            Ok(Outcome::Claimed(run)) => Ok(run),
+            Ok(Outcome::Written(_)) => unreachable!("a claim is answered as a claim"),
+            Err(failed) => Err(failed.error),
+        }
     }
 }
 
-struct WriteStatement;
+struct TransitionStatement {
+    claims: ClaimStatement,
+}
 
-impl BatchStatement for WriteStatement {
-    type Request = RunUpdate;
-    type Answer = bool;
+impl BatchStatement for TransitionStatement {
+    type Request = Transition;
+    type Answer = Outcome;
     const NAME: &'static str = "checkpoint writer";
 
     async fn execute(
         &self,
         conn: &mut PgConnection,
-        requests: &[RunUpdate],
-    ) -> Result<Vec<bool>, sqlx::Error> {
-        let updates: Vec<&RunUpdate> = requests.iter().collect();
-        let applied = write_batch(conn, &updates).await?;
+        requests: &[Transition],
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let updates: Vec<&RunUpdate> = requests
+            .iter()
+            .filter_map(|r| match r {
+                Transition::Write(u) => Some(u),
+                Transition::Claim(_) => None,
+            })
+            .collect();
+        let claims: Vec<&ClaimRequest> = requests
+            .iter()
+            .filter_map(|r| match r {
+                Transition::Claim(c) => Some(c),
+                Transition::Write(_) => None,
+            })
+            .collect();
+        let (applied, claimed) = if claims.is_empty() {
+            (write_batch(conn, &updates).await?, Vec::new())
+        } else if updates.is_empty() {
+            let claimed = self
+                .claims
+                .execute(conn, &store::first_claims(claims.iter().copied()))
+                .await?;
+            (Vec::new(), claimed.into_iter().flatten().collect())
+        } else {
+            write_and_claim(conn, &updates, &self.claims, &claims).await?
+        };
+        let mut claimed = store::answer_claims(claims.iter().copied(), claimed).into_iter();
         Ok(requests
             .iter()
-            .map(|u| applied.contains(&u.run_id))
+            .map(|r| match r {
+                Transition::Write(u) => Outcome::Written(applied.contains(&u.run_id)),
+                Transition::Claim(_) => {
+                    Outcome::Claimed(claimed.next().expect("an answer per claim"))
+                }
+            })
             .collect())
     }
 }
 
+/// One statement writing `updates` and claiming `claims`: the write's CTEs,
+/// then the claim's ([`store::claim_ctes`], which leave out any run this
+/// statement writes), answered by one row per claimed run (at least one
+/// row) each carrying the ids written. Returns the ids written (as
+/// [`write_batch`]) and the runs claimed (a run asked for twice is claimed
+/// once).
+pub async fn write_and_claim(
+    conn: &mut PgConnection,
+    updates: &[&RunUpdate],
+    claims_of: &ClaimStatement,
+    claims: &[&ClaimRequest],
+) -> Result<(Vec<Uuid>, Vec<ClaimedRun>), sqlx::Error> {
+    let resent = updates.iter().any(|u| u.resent);
+    let sql = if resent {
+        &*RESEND_AND_CLAIM_SQL
+    } else {
+        &*WRITE_AND_CLAIM_SQL
+    };
+    let first = store::first_claims(claims.iter().copied());
+    let rows = claims_of
+        .bind(bind_updates(sqlx::query(sql), updates), &first)
+        .fetch_all(conn)
+        .await?;
+    let mut written = Vec::new();
+    let mut claimed = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i == 0 {
+            written = row
+                .try_get::<Option<Vec<Uuid>>, _>("written")?
+                .unwrap_or_default();
+        }
+        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+            claimed.push(store::claimed_run(row)?);
+        }
+    }
+    Ok((written, claimed))
+}
+
+/// Parameters of the write statements (bound by [`bind_updates`]).
+const WRITE_PARAMS: usize = 25;
+
 /// One statement for the whole batch; returns the ids whose fence matched.
-pub async fn write_batch<'c, E>(db: E, updates: &[&RunUpdate]) -> Result<Vec<Uuid>, sqlx::Error>
+pub async fn write_batch<'c, 'q, E>(
+    db: E,
+    updates: &[&'q RunUpdate],
+) -> Result<Vec<Uuid>, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
+    let sql = if updates.iter().any(|u| u.resent) {
+        RESEND_SQL
+    } else {
+        WRITE_SQL
+    };
+    bind_updates(sqlx::query_scalar(sql), updates)
+        .fetch_all(db)
+        .await
+}
+
+/// Bind the write statements' [`WRITE_PARAMS`] parameters for `updates`, in
+/// order (to a query or a scalar query).
+fn bind_updates<'q, Q: BindUpdates<'q>>(query: Q, updates: &[&'q RunUpdate]) -> Q {
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let mut ck_kind: Vec<Option<&str>> = Vec::with_capacity(updates.len());
     let mut ck_output: Vec<Option<&Value>> = Vec::with_capacity(updates.len());
@@ -174,12 +332,7 @@ where
         ck_output.push(output);
         ck_error.push(error);
     }
-    let sql = if updates.iter().any(|u| u.resent) {
-        RESEND_SQL
-    } else {
-        WRITE_SQL
-    };
-    sqlx::query_scalar(sql)
+    query
         .bind(updates.iter().map(|u| u.run_id).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.fence).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.owner.as_str()).collect::<Vec<_>>())
@@ -250,8 +403,33 @@ where
         )
         .bind(updates.iter().map(|u| u.write_id).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.resent).collect::<Vec<_>>())
-        .fetch_all(db)
-        .await
+}
+
+/// A query the write statements' parameters can be bound to.
+trait BindUpdates<'q>: Sized {
+    fn bind<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>;
+}
+
+impl<'q> BindUpdates<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        sqlx::query::Query::bind(self, value)
+    }
+}
+
+impl<'q, O> BindUpdates<'q>
+    for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+{
+    fn bind<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        sqlx::query::QueryScalar::bind(self, value)
+    }
 }
 
 /// The `v` (values) CTE of both write statements.
@@ -338,6 +516,20 @@ h AS (
     };
 }
 
+/// The `again` CTE of the statements for a batch holding a write sent again.
+macro_rules! resend_again {
+    () => {
+        r#"
+-- Writes sent again after a lost answer whose first send committed (the
+-- statement sees the rows as they were before it: no write of its own).
+again AS (
+    SELECT r.id FROM v JOIN runs r ON r.id = v.id
+    WHERE v.resent AND r.last_write = v.write_id AND r.fence = v.fence
+),
+"#
+    };
+}
+
 /// The statement for batches of first sends (public for the test of its plan).
 pub const WRITE_SQL: &str = concat!(write_values!(), write_rows!(), "SELECT id FROM u\n");
 
@@ -346,14 +538,33 @@ pub const WRITE_SQL: &str = concat!(write_values!(), write_rows!(), "SELECT id F
 /// so that the common statement does not pay for the extra join.
 pub const RESEND_SQL: &str = concat!(
     write_values!(),
-    r#"
--- Writes sent again after a lost answer whose first send committed (the
--- statement sees the rows as they were before it: no write of its own).
-again AS (
-    SELECT r.id FROM v JOIN runs r ON r.id = v.id
-    WHERE v.resent AND r.last_write = v.write_id AND r.fence = v.fence
-),
-"#,
+    resend_again!(),
     write_rows!(),
     "SELECT id FROM u UNION ALL SELECT id FROM again\n"
 );
+
+/// [`write_and_claim`]'s statement from the given write CTEs and the ids
+/// they answer.
+fn with_claims(write_ctes: &str, written: &str) -> String {
+    format!(
+        "{write_ctes}, {claims}
+         SELECT w.written, {columns}
+         FROM (SELECT array_agg(id) AS written FROM ({written}) x) w LEFT JOIN c ON true",
+        claims = store::claim_ctes(WRITE_PARAMS + 1, Some("$1::uuid[]")),
+        columns = store::CLAIMED_COLUMNS,
+    )
+}
+
+/// [`write_and_claim`]'s statement for a batch of first sends (public for
+/// the test of its plan).
+pub static WRITE_AND_CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    with_claims(concat!(write_values!(), write_rows!()), "SELECT id FROM u")
+});
+
+/// [`write_and_claim`]'s statement for a batch holding a write sent again.
+pub static RESEND_AND_CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    with_claims(
+        concat!(write_values!(), resend_again!(), write_rows!()),
+        "SELECT id FROM u UNION ALL SELECT id FROM again",
+    )
+});
