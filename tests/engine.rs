@@ -303,6 +303,19 @@ async fn the_same_dispatch_delivered_twice_runs_each_step_once() {
     );
 }
 
+/// `n` `test.chain` runs left queued: queue `alpha` has no consumer in the
+/// tests that call this, so the runs wait for the claims the test makes.
+async fn queued_chains(env: &TestEnv, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(
+            env.submit("test.chain", json!({ "effects": env.effects_path() }))
+                .await,
+        );
+    }
+    ids
+}
+
 /// Claims that arrive together share statements (`CheckpointWriter`), yet
 /// each asker gets its own answer: every queued run goes to exactly one
 /// asker (a run asked for twice: to one of the two, whether both asks share
@@ -311,14 +324,7 @@ async fn the_same_dispatch_delivered_twice_runs_each_step_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_arriving_together_each_get_their_own_answer() {
     let env = TestEnv::new("claim_batch").await;
-    let mut ids = Vec::new();
-    for _ in 0..12 {
-        // Queue `alpha` has no consumer here: the runs wait for these claims.
-        ids.push(
-            env.submit("test.chain", json!({ "effects": env.effects_path() }))
-                .await,
-        );
-    }
+    let ids = queued_chains(&env, 12).await;
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
     let claimer = CheckpointWriter::spawn(env.pool.clone(), "claimer-a", lease, stuck);
     let unknown = Uuid::new_v4();
@@ -469,14 +475,7 @@ async fn a_write_and_claims_share_one_statement() {
     use orrery_workflows::store::{ClaimRequest, ClaimStatement};
 
     let env = TestEnv::new("write_claim").await;
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        // Queue `alpha` has no consumer here: the runs wait for these claims.
-        ids.push(
-            env.submit("test.chain", json!({ "effects": env.effects_path() }))
-                .await,
-        );
-    }
+    let ids = queued_chains(&env, 4).await;
     let (held, others) = (ids[0], &ids[1..]);
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
     let claims = ClaimStatement::new("w", lease, stuck);

@@ -121,18 +121,30 @@ impl BatchStatement for ClaimStatement {
         conn: &mut PgConnection,
         requests: &[ClaimRequest],
     ) -> Result<Vec<Option<ClaimedRun>>, sqlx::Error> {
-        let first = first_claims(requests.iter());
-        let rows = self
-            .bind(sqlx::query(&CLAIM_SQL), &first)
-            .fetch_all(conn)
-            .await?;
-        let claimed = rows.iter().map(claimed_run).collect::<Result<_, _>>()?;
+        let claimed = self.claim(conn, requests.iter()).await?;
         Ok(answer_claims(requests.iter(), claimed))
     }
 }
 
+impl ClaimStatement {
+    /// Claim the claimable runs of `requests` by one statement (a run
+    /// asked for twice is claimed once, see [`first_claims`]).
+    pub(crate) async fn claim<'a>(
+        &self,
+        conn: &mut PgConnection,
+        requests: impl Iterator<Item = &'a ClaimRequest>,
+    ) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+        let first = first_claims(requests);
+        let rows = self
+            .bind(sqlx::query(&CLAIM_SQL), &first)
+            .fetch_all(conn)
+            .await?;
+        rows.iter().map(claimed_run).collect()
+    }
+}
+
 /// Parameters of [`claim_ctes`].
-pub const CLAIM_PARAMS: usize = 5;
+pub(crate) const CLAIM_PARAMS: usize = 5;
 
 /// A claim's CTEs `p` (the requested runs, locked, and whether each is
 /// claimable) and `c` (the claimed runs), parameters from `$first`: run
@@ -160,7 +172,7 @@ pub const CLAIM_PARAMS: usize = 5;
 /// anyway: it excludes every other claim of the run, and, unlike `FOR
 /// UPDATE`, does not hold up inserts whose foreign keys name the run while
 /// a claim is held open ([`crate::hold`]).
-pub fn claim_ctes(first: usize, but: Option<&str>) -> String {
+pub(crate) fn claim_ctes(first: usize, but: Option<&str>) -> String {
     let p = placeholders(first, CLAIM_PARAMS);
     let (ids, owner, lease, stuck, claim_ids) = (&p[0], &p[1], &p[2], &p[3], &p[4]);
     let but = but.map_or_else(String::new, |ids| format!("WHERE r.id <> ALL({ids})"));
@@ -194,7 +206,7 @@ pub fn claim_ctes(first: usize, but: Option<&str>) -> String {
 
 /// What a claim answers for each run of `c` ([`claim_ctes`]), read by
 /// [`claimed_run`]: the run with every checkpointed output.
-pub const CLAIMED_COLUMNS: &str =
+pub(crate) const CLAIMED_COLUMNS: &str =
     "c.id, c.workflow, c.workflow_version, c.input, c.state, c.prev_state, c.cursor,
      c.attempt, c.queue, c.compensate_cursor, c.fence, c.cancel_requested_by,
      c.cancel_reason, c.cancel_requested_at IS NOT NULL AS cancel_requested, c.error,

@@ -213,28 +213,19 @@ impl BatchStatement for TransitionStatement {
         conn: &mut PgConnection,
         requests: &[Transition],
     ) -> Result<Vec<Outcome>, sqlx::Error> {
-        let updates: Vec<&RunUpdate> = requests
-            .iter()
-            .filter_map(|r| match r {
-                Transition::Write(u) => Some(u),
-                Transition::Claim(_) => None,
-            })
-            .collect();
-        let claims: Vec<&ClaimRequest> = requests
-            .iter()
-            .filter_map(|r| match r {
-                Transition::Claim(c) => Some(c),
-                Transition::Write(_) => None,
-            })
-            .collect();
+        let mut updates: Vec<&RunUpdate> = Vec::with_capacity(requests.len());
+        let mut claims: Vec<&ClaimRequest> = Vec::new();
+        for r in requests {
+            match r {
+                Transition::Write(u) => updates.push(u),
+                Transition::Claim(c) => claims.push(c),
+            }
+        }
         let (applied, claimed) = if claims.is_empty() {
             (write_batch(conn, &updates).await?, Vec::new())
         } else if updates.is_empty() {
-            let claimed = self
-                .claims
-                .execute(conn, &store::first_claims(claims.iter().copied()))
-                .await?;
-            (Vec::new(), claimed.into_iter().flatten().collect())
+            let claimed = self.claims.claim(conn, claims.iter().copied()).await?;
+            (Vec::new(), claimed)
         } else {
             write_and_claim(conn, &updates, &self.claims, &claims).await?
         };
@@ -274,14 +265,16 @@ pub async fn write_and_claim(
         .bind(bind_updates(sqlx::query(sql), updates), &first)
         .fetch_all(conn)
         .await?;
-    let mut written = Vec::new();
-    let mut claimed = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        if i == 0 {
-            written = row
-                .try_get::<Option<Vec<Uuid>>, _>("written")?
-                .unwrap_or_default();
-        }
+    // Every row carries the ids written; a row without a run (`LEFT JOIN`
+    // of no claimed run) carries only them.
+    let written = match rows.first() {
+        Some(row) => row
+            .try_get::<Option<Vec<Uuid>>, _>("written")?
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
         if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
             claimed.push(store::claimed_run(row)?);
         }
@@ -305,14 +298,18 @@ where
     } else {
         WRITE_SQL
     };
-    bind_updates(sqlx::query_scalar(sql), updates)
+    let rows = bind_updates(sqlx::query(sql), updates)
         .fetch_all(db)
-        .await
+        .await?;
+    rows.iter().map(|row| row.try_get("id")).collect()
 }
 
 /// Bind the write statements' [`WRITE_PARAMS`] parameters for `updates`, in
-/// order (to a query or a scalar query).
-fn bind_updates<'q, Q: BindUpdates<'q>>(query: Q, updates: &[&'q RunUpdate]) -> Q {
+/// order.
+fn bind_updates<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    updates: &[&'q RunUpdate],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let mut ck_kind: Vec<Option<&str>> = Vec::with_capacity(updates.len());
     let mut ck_output: Vec<Option<&Value>> = Vec::with_capacity(updates.len());
@@ -403,33 +400,6 @@ fn bind_updates<'q, Q: BindUpdates<'q>>(query: Q, updates: &[&'q RunUpdate]) -> 
         )
         .bind(updates.iter().map(|u| u.write_id).collect::<Vec<_>>())
         .bind(updates.iter().map(|u| u.resent).collect::<Vec<_>>())
-}
-
-/// A query the write statements' parameters can be bound to.
-trait BindUpdates<'q>: Sized {
-    fn bind<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>;
-}
-
-impl<'q> BindUpdates<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    fn bind<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        sqlx::query::Query::bind(self, value)
-    }
-}
-
-impl<'q, O> BindUpdates<'q>
-    for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
-{
-    fn bind<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        sqlx::query::QueryScalar::bind(self, value)
-    }
 }
 
 /// The `v` (values) CTE of both write statements.
