@@ -545,6 +545,155 @@ async fn a_write_and_claims_share_one_statement() {
     assert!(written.is_empty() && claimed.is_empty());
 }
 
+/// The advance statement (a step done, the run going on inline: most
+/// writes) writes exactly what the general statement writes for the same
+/// update: the same columns of the run changed to the same values, the same
+/// checkpoint row (here over an earlier failed attempt, so through `ON
+/// CONFLICT`), the same history event. Like the general one, it writes
+/// nothing for a stale fence, and nothing twice for a write sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advance_writes_what_the_general_statement_writes() {
+    use orrery_workflows::writer::{is_advance, write_batch_general};
+    use serde_json::{Map, Value};
+
+    let env = TestEnv::new("advance").await;
+    let ids = queued_chains(&env, 2).await;
+    let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
+    let writer = CheckpointWriter::spawn(env.pool.clone(), "w", lease, stuck);
+    let mut fences = Vec::new();
+    for id in &ids {
+        let run = writer.claim(*id, Uuid::now_v7()).await.unwrap().unwrap();
+        fences.push(run.fence);
+    }
+    // Both runs' first step failed once before.
+    sqlx::query("UPDATE runs SET attempt = 1, error = 'first attempt failed' WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO step_checkpoints (run_id, step_index, step, attempts, last_error, started_at)
+         SELECT id, 0, 'one', 1, 'first attempt failed', now() - interval '1 second'
+         FROM unnest($1::uuid[]) AS id",
+    )
+    .bind(&ids)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let row = |table: &'static str, id: Uuid| {
+        let pool = env.pool.clone();
+        async move {
+            let sql = format!(
+                "SELECT row_to_json(t)::jsonb FROM {table} t WHERE {} = $1",
+                if table == "runs" { "id" } else { "run_id" }
+            );
+            let v: Value = sqlx::query_scalar(&sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            v.as_object().unwrap().clone()
+        }
+    };
+    // What the write changed: each changed column with its new value,
+    // instants written by `now()` as "now", the write id as "write id".
+    let diff = |before: Map<String, Value>, after: Map<String, Value>, write_id: Uuid| {
+        after
+            .into_iter()
+            .filter(|(k, v)| before.get(k) != Some(v))
+            .map(|(k, v)| {
+                let v = match k.as_str() {
+                    "updated_at" | "stuck_after" | "finished_at" => json!("now"),
+                    "last_write" if v == json!(write_id) => json!("write id"),
+                    _ => v,
+                };
+                (k, v)
+            })
+            .collect::<Map<String, Value>>()
+    };
+    let started_at = chrono::Utc::now();
+    let mut diffs = Vec::new();
+    let mut conn = env.pool.acquire().await.unwrap();
+    for (i, (id, fence)) in ids.iter().zip(&fences).enumerate() {
+        let mut update = step_one_done(*id, *fence, "w", stuck);
+        update.checkpoint.as_mut().unwrap().started_at = started_at;
+        assert!(is_advance(&update), "{update:?}");
+        let (run_before, ck_before) = (row("runs", *id).await, row("step_checkpoints", *id).await);
+        let written = if i == 0 {
+            write_batch_general(&mut conn, &[&update]).await.unwrap()
+        } else {
+            write_batch(&mut *conn, &[&update]).await.unwrap()
+        };
+        assert_eq!(written, [*id]);
+        let history: Vec<(String, Option<String>, Option<Value>)> = sqlx::query_as(
+            "SELECT event, step, detail FROM run_history WHERE run_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let stuck_for: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM stuck_after - updated_at)::float8 FROM runs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        diffs.push((
+            diff(run_before, row("runs", *id).await, update.write_id),
+            diff(
+                ck_before,
+                row("step_checkpoints", *id).await,
+                update.write_id,
+            ),
+            history,
+            stuck_for,
+        ));
+    }
+    let (general, advance) = (&diffs[0], &diffs[1]);
+    assert_eq!(
+        general, advance,
+        "general (left) and advance (right) differ"
+    );
+    let changed: HashSet<&str> = general.0.keys().map(String::as_str).collect();
+    assert_eq!(
+        changed,
+        HashSet::from([
+            "cursor",
+            "attempt",
+            "updated_at",
+            "stuck_after",
+            "last_write"
+        ]),
+        "{general:?}"
+    );
+    assert_eq!(general.0["cursor"], json!(1));
+    assert_eq!(general.1["output"], json!({ "step": "one" }));
+    assert_eq!(general.1["attempts"], json!(2));
+    assert!(
+        !general.1.contains_key("last_error"),
+        "the failed attempt's error is kept"
+    );
+    assert_eq!(general.2.last().unwrap().0, "step_succeeded");
+    assert_eq!(general.3, stuck.as_secs_f64());
+    // A stale fence writes nothing; the same write sent twice is written once.
+    let stale = step_one_done(ids[1], fences[1] - 1, "w", stuck);
+    assert!(is_advance(&stale));
+    assert!(write_batch(&mut *conn, &[&stale]).await.unwrap().is_empty());
+    let mut twice = step_one_done(ids[1], fences[1], "w", stuck);
+    twice.write_id =
+        Uuid::parse_str(row("runs", ids[1]).await["last_write"].as_str().unwrap()).unwrap();
+    assert!(write_batch(&mut *conn, &[&twice]).await.unwrap().is_empty());
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_history WHERE run_id = $1 AND event = 'step_succeeded'",
+    )
+    .bind(ids[1])
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, 1);
+}
+
 /// A claim sent again because its first answer was lost (the database cut
 /// the connection after committing it) gets the run it had leased instead
 /// of finding it leased and leaving it for the lease to expire (30 s by
@@ -1479,6 +1628,8 @@ async fn assert_plans_look_runs_up_by_key(pool: &sqlx::PgPool, statistics: &str)
         ("claim", &CLAIM_SQL, 5),
         ("write_claim", &writer::WRITE_AND_CLAIM_SQL, 30),
         ("resend_claim", &writer::RESEND_AND_CLAIM_SQL, 30),
+        ("advance", writer::ADVANCE_SQL, 12),
+        ("advance_claim", &writer::ADVANCE_AND_CLAIM_SQL, 17),
     ] {
         sqlx::query(&format!("PREPARE {name} AS {sql}"))
             .execute(&mut conn)
