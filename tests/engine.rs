@@ -545,19 +545,20 @@ async fn a_write_and_claims_share_one_statement() {
     assert!(written.is_empty() && claimed.is_empty());
 }
 
-/// The advance statement (a step done, the run going on inline: most
-/// writes) writes exactly what the general statement writes for the same
-/// update: the same columns of the run changed to the same values, the same
-/// checkpoint row (here over an earlier failed attempt, so through `ON
-/// CONFLICT`), the same history event. Like the general one, it writes
-/// nothing for a stale fence, and nothing twice for a write sent twice.
+/// The advance statement (a step done and the run going on inline, or its
+/// last step done and the run succeeding: most writes) writes exactly what
+/// the general statement writes for the same update: the same columns of
+/// the run changed to the same values, the same checkpoint row (here over
+/// an earlier failed attempt, so through `ON CONFLICT`), the same history
+/// event. Like the general one, it writes nothing for a stale fence, and
+/// nothing twice for a write sent twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_advance_writes_what_the_general_statement_writes() {
     use orrery_workflows::writer::{is_advance, write_batch_general};
     use serde_json::{Map, Value};
 
     let env = TestEnv::new("advance").await;
-    let ids = queued_chains(&env, 2).await;
+    let ids = queued_chains(&env, 4).await;
     let (lease, stuck) = (Duration::from_secs(60), Duration::from_secs(600));
     let writer = CheckpointWriter::spawn(env.pool.clone(), "w", lease, stuck);
     let mut fences = Vec::new();
@@ -565,7 +566,7 @@ async fn an_advance_writes_what_the_general_statement_writes() {
         let run = writer.claim(*id, Uuid::now_v7()).await.unwrap().unwrap();
         fences.push(run.fence);
     }
-    // Both runs' first step failed once before.
+    // Every run's first step failed once before.
     sqlx::query("UPDATE runs SET attempt = 1, error = 'first attempt failed' WHERE id = ANY($1)")
         .bind(&ids)
         .execute(&env.pool)
@@ -603,7 +604,7 @@ async fn an_advance_writes_what_the_general_statement_writes() {
             .filter(|(k, v)| before.get(k) != Some(v))
             .map(|(k, v)| {
                 let v = match k.as_str() {
-                    "updated_at" | "stuck_after" | "finished_at" => json!("now"),
+                    "updated_at" | "stuck_after" | "finished_at" if !v.is_null() => json!("now"),
                     "last_write" if v == json!(write_id) => json!("write id"),
                     _ => v,
                 };
@@ -611,71 +612,117 @@ async fn an_advance_writes_what_the_general_statement_writes() {
             })
             .collect::<Map<String, Value>>()
     };
+    // The same update through both statements, on two runs alike.
     let started_at = chrono::Utc::now();
-    let mut diffs = Vec::new();
     let mut conn = env.pool.acquire().await.unwrap();
-    for (i, (id, fence)) in ids.iter().zip(&fences).enumerate() {
-        let mut update = step_one_done(*id, *fence, "w", stuck);
-        update.checkpoint.as_mut().unwrap().started_at = started_at;
-        assert!(is_advance(&update), "{update:?}");
-        let (run_before, ck_before) = (row("runs", *id).await, row("step_checkpoints", *id).await);
-        let written = if i == 0 {
-            write_batch_general(&mut conn, &[&update]).await.unwrap()
-        } else {
-            write_batch(&mut *conn, &[&update]).await.unwrap()
-        };
-        assert_eq!(written, [*id]);
-        let history: Vec<(String, Option<String>, Option<Value>)> = sqlx::query_as(
-            "SELECT event, step, detail FROM run_history WHERE run_id = $1 ORDER BY id",
-        )
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-        let stuck_for: f64 = sqlx::query_scalar(
-            "SELECT extract(epoch FROM stuck_after - updated_at)::float8 FROM runs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        diffs.push((
-            diff(run_before, row("runs", *id).await, update.write_id),
-            diff(
-                ck_before,
-                row("step_checkpoints", *id).await,
-                update.write_id,
-            ),
-            history,
-            stuck_for,
-        ));
+    let mut by_kind = Vec::new();
+    for (kind, pair) in ["goes on", "succeeds"].into_iter().zip(ids.chunks(2)) {
+        let mut diffs = Vec::new();
+        for (general, id) in [true, false].into_iter().zip(pair) {
+            let fence = fences[ids.iter().position(|i| i == id).unwrap()];
+            let mut update = step_one_done(*id, fence, "w", stuck);
+            update.checkpoint.as_mut().unwrap().started_at = started_at;
+            if kind == "succeeds" {
+                update.state = RunState::Succeeded;
+                update.release = true;
+                update.output = Some(json!({ "result": 1 }));
+                update.error = Some(None);
+                update.stuck_in = None;
+            }
+            assert!(is_advance(&update), "{kind}: {update:?}");
+            let (run_before, ck_before) =
+                (row("runs", *id).await, row("step_checkpoints", *id).await);
+            let written = if general {
+                write_batch_general(&mut conn, &[&update]).await.unwrap()
+            } else {
+                write_batch(&mut *conn, &[&update]).await.unwrap()
+            };
+            assert_eq!(written, [*id], "{kind}");
+            let history: Vec<(String, Option<String>, Option<Value>)> = sqlx::query_as(
+                "SELECT event, step, detail FROM run_history WHERE run_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+            let stuck_for: Option<f64> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM stuck_after - updated_at)::float8 FROM runs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            diffs.push((
+                diff(run_before, row("runs", *id).await, update.write_id),
+                diff(
+                    ck_before,
+                    row("step_checkpoints", *id).await,
+                    update.write_id,
+                ),
+                history,
+                stuck_for,
+            ));
+        }
+        assert_eq!(
+            diffs[0], diffs[1],
+            "{kind}: general (left) and advance (right) differ"
+        );
+        by_kind.push(diffs.swap_remove(0));
     }
-    let (general, advance) = (&diffs[0], &diffs[1]);
+    let (goes_on, succeeds) = (&by_kind[0], &by_kind[1]);
+    let changed = |d: &Map<String, Value>| {
+        let mut keys: Vec<String> = d.keys().cloned().collect();
+        keys.sort();
+        keys
+    };
     assert_eq!(
-        general, advance,
-        "general (left) and advance (right) differ"
-    );
-    let changed: HashSet<&str> = general.0.keys().map(String::as_str).collect();
-    assert_eq!(
-        changed,
-        HashSet::from([
-            "cursor",
+        changed(&goes_on.0),
+        [
             "attempt",
-            "updated_at",
+            "cursor",
+            "last_write",
             "stuck_after",
-            "last_write"
-        ]),
-        "{general:?}"
+            "updated_at"
+        ],
+        "{goes_on:?}"
     );
-    assert_eq!(general.0["cursor"], json!(1));
-    assert_eq!(general.1["output"], json!({ "step": "one" }));
-    assert_eq!(general.1["attempts"], json!(2));
-    assert!(
-        !general.1.contains_key("last_error"),
-        "the failed attempt's error is kept"
+    assert_eq!(
+        changed(&succeeds.0),
+        [
+            "attempt",
+            "cursor",
+            "error",
+            "finished_at",
+            "last_write",
+            "lease_owner",
+            "lease_until",
+            "output",
+            "state",
+            "stuck_after",
+            "updated_at"
+        ],
+        "{succeeds:?}"
     );
-    assert_eq!(general.2.last().unwrap().0, "step_succeeded");
-    assert_eq!(general.3, stuck.as_secs_f64());
+    assert_eq!(goes_on.0["cursor"], json!(1));
+    assert_eq!(goes_on.3, Some(stuck.as_secs_f64()));
+    assert_eq!(
+        (
+            &succeeds.0["state"],
+            &succeeds.0["output"],
+            &succeeds.0["error"]
+        ),
+        (&json!("succeeded"), &json!({ "result": 1 }), &Value::Null)
+    );
+    assert_eq!(succeeds.3, None, "a finished run is never stuck");
+    for (ck, history) in [(&goes_on.1, &goes_on.2), (&succeeds.1, &succeeds.2)] {
+        assert_eq!(ck["output"], json!({ "step": "one" }));
+        assert_eq!(ck["attempts"], json!(2));
+        assert!(
+            !ck.contains_key("last_error"),
+            "the failed attempt's error is kept"
+        );
+        assert_eq!(history.last().unwrap().0, "step_succeeded");
+    }
     // A stale fence writes nothing; the same write sent twice is written once.
     let stale = step_one_done(ids[1], fences[1] - 1, "w", stuck);
     assert!(is_advance(&stale));
@@ -1628,8 +1675,8 @@ async fn assert_plans_look_runs_up_by_key(pool: &sqlx::PgPool, statistics: &str)
         ("claim", &CLAIM_SQL, 5),
         ("write_claim", &writer::WRITE_AND_CLAIM_SQL, 30),
         ("resend_claim", &writer::RESEND_AND_CLAIM_SQL, 30),
-        ("advance", writer::ADVANCE_SQL, 12),
-        ("advance_claim", &writer::ADVANCE_AND_CLAIM_SQL, 17),
+        ("advance", writer::ADVANCE_SQL, 14),
+        ("advance_claim", &writer::ADVANCE_AND_CLAIM_SQL, 19),
     ] {
         sqlx::query(&format!("PREPARE {name} AS {sql}"))
             .execute(&mut conn)
