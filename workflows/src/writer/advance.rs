@@ -19,7 +19,7 @@ use super::{CheckpointKind, DispatchMark, RunUpdate};
 use crate::state::RunState;
 
 /// Event of a step done: the only one an advance records.
-pub(super) const STEP_SUCCEEDED: &str = "step_succeeded";
+const STEP_SUCCEEDED: &str = "step_succeeded";
 
 /// Whether `u` is an advance: the general statement would write exactly
 /// what [`SQL`] writes for it.

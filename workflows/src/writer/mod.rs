@@ -259,14 +259,15 @@ pub async fn write_and_claim(
     claims: &[&ClaimRequest],
 ) -> Result<(Vec<Uuid>, Vec<ClaimedRun>), sqlx::Error> {
     let first = store::first_claims(claims.iter().copied());
-    let query = if advance::all(updates) {
-        advance::bind(sqlx::query(&ADVANCE_AND_CLAIM_SQL), updates)
-    } else if updates.iter().any(|u| u.resent) {
-        bind_updates(sqlx::query(&RESEND_AND_CLAIM_SQL), updates)
-    } else {
-        bind_updates(sqlx::query(&WRITE_AND_CLAIM_SQL), updates)
-    };
-    let rows = claims_of.bind(query, &first).fetch_all(conn).await?;
+    let forms = [
+        ADVANCE_AND_CLAIM_SQL.as_str(),
+        RESEND_AND_CLAIM_SQL.as_str(),
+        WRITE_AND_CLAIM_SQL.as_str(),
+    ];
+    let rows = claims_of
+        .bind(bound(updates, forms), &first)
+        .fetch_all(conn)
+        .await?;
     // Every row carries the ids written; a row without a run (`LEFT JOIN`
     // of no claimed run) carries only them.
     let written = match rows.first() {
@@ -296,13 +297,33 @@ pub async fn write_batch<'c, 'q, E>(
 where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
-    let query = if advance::all(updates) {
-        advance::bind(sqlx::query(advance::SQL), updates)
+    written_ids(bound(updates, [advance::SQL, RESEND_SQL, WRITE_SQL]), db).await
+}
+
+/// The form of a write statement (`[advance, resend, first sends]`) that
+/// `updates` need, with their parameters bound: the advance statement when
+/// every update is one, the resend form when any update is sent again.
+fn bound<'q>(
+    updates: &[&'q RunUpdate],
+    [advance, resend, write]: [&'q str; 3],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    if advance::all(updates) {
+        advance::bind(sqlx::query(advance), updates)
     } else if updates.iter().any(|u| u.resent) {
-        bind_updates(sqlx::query(RESEND_SQL), updates)
+        bind_updates(sqlx::query(resend), updates)
     } else {
-        bind_updates(sqlx::query(WRITE_SQL), updates)
-    };
+        bind_updates(sqlx::query(write), updates)
+    }
+}
+
+/// Run a write statement and read the ids it answers (those written).
+async fn written_ids<'c, 'q, E>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    db: E,
+) -> Result<Vec<Uuid>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
     let rows = query.fetch_all(db).await?;
     rows.iter().map(|row| row.try_get("id")).collect()
 }
@@ -315,10 +336,7 @@ pub async fn write_batch_general(
     conn: &mut PgConnection,
     updates: &[&RunUpdate],
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let rows = bind_updates(sqlx::query(WRITE_SQL), updates)
-        .fetch_all(conn)
-        .await?;
-    rows.iter().map(|row| row.try_get("id")).collect()
+    written_ids(bind_updates(sqlx::query(WRITE_SQL), updates), conn).await
 }
 
 /// Bind the write statements' [`WRITE_PARAMS`] parameters for `updates`, in
@@ -439,9 +457,9 @@ macro_rules! write_values {
 ///
 /// The update reads the batch straight from `unnest` and its `RETURNING`
 /// hands each written run's checkpoint and event to the two inserts: no
-/// values CTE materialised and joined twice against the update's ids. At
-/// 4 steps per statement that is a quarter less PostgreSQL CPU per step
-/// (docs/BENCHMARKS.md, "Session 12").
+/// values CTE materialised and joined twice against the update's ids
+/// (about 5 % less PostgreSQL CPU per step, docs/BENCHMARKS.md, "Session
+/// 12").
 macro_rules! write_rows {
     () => {
         concat!(
@@ -540,9 +558,8 @@ pub const RESEND_SQL: &str = concat!(
     "SELECT id FROM u UNION ALL SELECT id FROM again\n"
 );
 
-/// [`write_and_claim`]'s statement from the given write CTEs and the ids
-/// they answer.
-/// They take `params` parameters, the written ids first.
+/// [`write_and_claim`]'s statement from the given write CTEs (taking
+/// `params` parameters, the written ids first) and the ids they answer.
 fn with_claims(write_ctes: &str, params: usize, written: &str) -> String {
     format!(
         "{write_ctes}, {claims}
