@@ -868,6 +868,9 @@ async fn cluster_users_and_termination_run_as_durable_tasks() {
         .await
         .assert_problem(404, None);
 
+    // The worker paused: the fake termination would otherwise finish
+    // before the next request can see the state the API recorded.
+    api.env.workers[0].signal("STOP");
     let r = api.delete(&format!("/v1/clusters/{cluster}"), &alice).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     assert_eq!(
@@ -876,6 +879,7 @@ async fn cluster_users_and_termination_run_as_durable_tasks() {
             .body["state"],
         "terminating"
     );
+    api.env.workers[0].signal("CONT");
     api.wait_task(&alice, uuid(&r.body["id"]), "succeeded")
         .await;
     let c = api.get(&format!("/v1/clusters/{cluster}"), &alice).await;
