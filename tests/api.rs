@@ -1745,6 +1745,72 @@ async fn concurrent_requests_never_spend_the_same_quota_twice() {
     api.assert_usage_counters_match().await;
 }
 
+/// A key the API process has just verified is remembered by admission, but
+/// every batch re-checks it in its own statement: a key revoked, or an
+/// account disabled, behind the API's back (no request through this
+/// process) is refused at its next cluster request, even when that request
+/// only repeats an `Idempotency-Key`, and nothing is written for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_key_revoked_behind_the_apis_back_is_refused_at_once() {
+    let api = Api::start("api_remembered_keys").await;
+    let alice = api.user("alice", None, false).await;
+    let bob = api.user("bob", None, false).await;
+    let carol = api.user("carol", None, false).await;
+    let dave = api.user("dave", None, false).await;
+    let idem = [("idempotency-key", "carol-once")];
+    for (token, name) in [(&alice, "a"), (&bob, "b"), (&dave, "d")] {
+        let r = api
+            .post("/v1/clusters", token, json!({ "name": name, "size": 1 }))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+    let first = api
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&carol),
+            Some(json!({ "name": "c", "size": 1 })),
+            &idem,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    for sql in [
+        "UPDATE api_keys SET revoked_at = now() WHERE user_id IN (SELECT id FROM users WHERE name IN ('alice', 'carol'))",
+        "UPDATE users SET disabled_at = now() WHERE name = 'bob'",
+    ] {
+        sqlx::query(sql).execute(&api.env.pool).await.unwrap();
+    }
+    // Sent together, so that they can share a batch with Dave's good key.
+    let (a, b, d) = tokio::join!(
+        api.post("/v1/clusters", &alice, json!({ "name": "a2", "size": 1 })),
+        api.post("/v1/clusters", &bob, json!({ "name": "b2", "size": 1 })),
+        api.post("/v1/clusters", &dave, json!({ "name": "d2", "size": 1 })),
+    );
+    a.assert_problem(401, None);
+    b.assert_problem(403, None);
+    assert_eq!(d.status, StatusCode::ACCEPTED, "{}", d.body);
+    let repeat = api
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&carol),
+            Some(json!({ "name": "c", "size": 1 })),
+            &idem,
+        )
+        .await;
+    repeat.assert_problem(401, None);
+    assert_eq!(
+        (
+            api.count("clusters").await,
+            api.count("runs").await,
+            api.count("tasks").await
+        ),
+        (5, 5, 5),
+        "four first requests and Dave's second"
+    );
+    api.assert_usage_counters_match().await;
+}
+
 /// Cluster requests have their API keys checked by admission, a batch at a
 /// time: each request still gets the answer its own key earns, and only
 /// requests with a good key write anything.

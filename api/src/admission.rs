@@ -12,14 +12,16 @@
 //!
 //! the batch's API keys checked (one query: `/v1` cluster requests arrive
 //! with their key unchecked, see [`Requester`]) → idempotency lookups →
-//! clusters, accounts, runs, history and tasks written by one multi-row
-//! statement ([`write_all`]) → lock → one [`quotas::Ledger`] read (usage counters, not sums
-//! over clusters) → each request decided in order, in memory → the rows of
-//! refused requests deleted → commit → answers → one Redis push per queue.
+//! one statement ([`write_all`]) that writes the clusters, accounts, runs,
+//! history and tasks, then takes the lock and reads the [`quotas::Ledger`]
+//! (usage counters, not sums over clusters) → each request decided in
+//! order, in memory → the rows of refused requests deleted → commit →
+//! answers. The runs are pushed to Redis by one more task ([`push`]), so
+//! a pipeline goes on to its next batch without waiting for Redis.
 //!
-//! Writing before locking keeps the lock to two statements and the commit,
-//! so one pipeline writes while the other holds it; a refusal costs a delete,
-//! which is rare next to admissions.
+//! Writing before locking keeps the lock to the ledger read, the decision
+//! and the commit, so one pipeline writes while the other holds it; a
+//! refusal costs a delete, which is rare next to admissions.
 //!
 //! Each request still gets its own answer (202, 403, 422, 503). A batch that
 //! fails as a whole (a database error, a concurrent request with the same
@@ -34,19 +36,20 @@ use std::{
     collections::HashSet,
     panic::AssertUnwindSafe,
     sync::{Arc, Weak},
+    time::{Duration, Instant},
 };
 
 use axum::http::StatusCode;
 use futures::FutureExt;
 use orrery_workflows::store;
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use crate::{
-    app::App,
-    auth::{self, Caller, Credentials},
+    app::{ApiConfig, App},
+    auth::{self, Caller, Credentials, Recheck},
     clusters::ClusterSpec,
     error::{ApiError, ApiResult},
     quotas::{self, Ledger},
@@ -57,9 +60,12 @@ use crate::{
 /// shares a commit, and the lock is still held for milliseconds only.
 const MAX_BATCH: usize = 128;
 
-/// Admission transactions one API process runs at once: while one holds the
-/// lock, the other writes its batch (see [`decide_and_write`]).
-const PIPELINES: usize = 2;
+/// Admission transactions one API process runs at once. With a batch at two
+/// round trips ([`Session`]) one pipeline gathers larger batches and admits
+/// more per second than two taking turns on the lock (`orrery-bench-api`,
+/// docs/BENCHMARKS.md, session 13); several API processes still write while
+/// another holds the lock.
+const PIPELINES: usize = 1;
 
 /// Who asks: a caller already authenticated, or a key the batch checks
 /// with the others' keys (one query for the batch instead of one per
@@ -78,10 +84,15 @@ struct Request {
     reply: oneshot::Sender<ApiResult<Submitted>>,
 }
 
-/// The handle to this process' admission task.
+/// The handle to this process' admission tasks.
 pub struct Admissions {
     queue: mpsc::UnboundedSender<Request>,
+    /// Keys the batches verified lately (see [`auth::VerifiedKeys`]).
+    keys: auth::VerifiedKeys,
 }
+
+/// Runs of committed batches, on their way to Redis: (queue, run).
+type Dispatches = mpsc::UnboundedSender<Vec<(String, Uuid)>>;
 
 impl Admissions {
     /// Start the admission tasks of `app`. They end when the [`App`] is
@@ -89,10 +100,15 @@ impl Admissions {
     pub fn start(app: Weak<App>) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
+        let (dispatches, committed) = mpsc::unbounded_channel();
         for _ in 0..PIPELINES {
-            tokio::spawn(run(app.clone(), rx.clone()));
+            tokio::spawn(run(app.clone(), rx.clone(), dispatches.clone()));
         }
-        Admissions { queue }
+        tokio::spawn(push(app, committed));
+        Admissions {
+            queue,
+            keys: auth::VerifiedKeys::default(),
+        }
     }
 
     /// Admit (or refuse) one cluster request, sharing a transaction with
@@ -123,11 +139,31 @@ impl Admissions {
     }
 }
 
+/// Push the runs of committed batches to Redis, whatever has accumulated
+/// since the last push at once. The pipelines answer and go on without
+/// waiting for it (a push is two Redis scripts, about a fifth of a batch's
+/// time). A push that fails, or that is lost with the process, leaves
+/// committed runs undispatched, which the reconciler dispatches as it does
+/// after any failed dispatch.
+async fn push(app: Weak<App>, mut committed: mpsc::UnboundedReceiver<Vec<(String, Uuid)>>) {
+    while let Some(mut runs) = committed.recv().await {
+        while let Ok(more) = committed.try_recv() {
+            runs.extend(more);
+        }
+        let Some(app) = app.upgrade() else { return };
+        submit::dispatch_all(&app, &runs).await;
+    }
+}
+
 /// One admission pipeline: takes whatever is queued (waiting for the
 /// first request when nothing is) and admits it as one batch.
-async fn run(app: Weak<App>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
+async fn run(
+    app: Weak<App>,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
+    dispatches: Dispatches,
+) {
     let mut carried: Vec<Request> = Vec::new();
-    let mut conn: Option<PgConnection> = None;
+    let mut conn: Option<Session> = None;
     loop {
         let mut batch = std::mem::take(&mut carried);
         // A pipeline with requests carried over must not wait for the queue:
@@ -153,10 +189,15 @@ async fn run(app: Weak<App>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
         let Some(app) = app.upgrade() else { return };
         let (now, later) = split_repeated_keys(batch);
         carried = later;
+        // Whether a next batch is already waiting when this one commits
+        // (then its BEGIN goes with the COMMIT, see [`Session`]). The other
+        // pipeline holding the queue is waiting for a request: none is.
+        let waiting = || !carried.is_empty() || rx.try_lock().is_ok_and(|rx| !rx.is_empty());
         // A bug in one batch must not stop admission for the process'
         // lifetime: its requests are answered 503 (their replies dropped),
         // the connection is replaced, and the next batch goes on.
-        let admitted = AssertUnwindSafe(admit_batch(&app, &mut conn, now)).catch_unwind();
+        let admitted = AssertUnwindSafe(admit_batch(&app, &mut conn, now, &dispatches, &waiting))
+            .catch_unwind();
         if admitted.await.is_err() {
             tracing::error!("admission batch panicked; its requests were answered 503");
             conn = None;
@@ -186,14 +227,32 @@ fn split_repeated_keys(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
 /// Admit `batch` on `conn`, the admission task's own connection,
 /// (re)connecting when there is none; a connection that saw an error is
 /// dropped, in case the error was the connection's.
-async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Request>) {
-    let mut decided = decide(app, conn, &batch).await;
+async fn admit_batch(
+    app: &App,
+    conn: &mut Option<Session>,
+    batch: Vec<Request>,
+    dispatches: &Dispatches,
+    waiting: &(dyn Fn() -> bool + Sync),
+) {
+    let mut decided = decide(app, conn, &batch, waiting).await;
+    if decided.as_ref().is_err_and(stale_key) {
+        // A key this process remembered no longer holds (revoked, its user
+        // disabled or moved): forget the batch's keys and check them anew.
+        *conn = None;
+        app.admissions
+            .keys
+            .forget(batch.iter().filter_map(|r| match &r.requester {
+                Requester::Presented(key) => Some(key.lookup.as_str()),
+                Requester::Known(_) => None,
+            }));
+        decided = decide(app, conn, &batch, waiting).await;
+    }
     if batch.len() == 1 && decided.as_ref().is_err_and(lost_idempotency_race) {
         // Another transaction committed this request's `Idempotency-Key`
         // while this one wrote (the insert waited for it); the request is
         // now a repeat, which the lookup finds.
         *conn = None;
-        decided = decide(app, conn, &batch).await;
+        decided = decide(app, conn, &batch, waiting).await;
     }
     let answers = match decided {
         Ok(answers) => answers,
@@ -208,7 +267,7 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
                     .map_or_else(|| err.detail.clone(), |e| format!("{e:#}"));
                 tracing::warn!(requests = batch.len(), error = %reason, "admission batch failed; admitting its requests one by one");
                 for r in batch {
-                    Box::pin(admit_batch(app, conn, vec![r])).await;
+                    Box::pin(admit_batch(app, conn, vec![r], dispatches, waiting)).await;
                 }
                 return;
             }
@@ -228,19 +287,86 @@ async fn admit_batch(app: &App, conn: &mut Option<PgConnection>, batch: Vec<Requ
         // and its Idempotency-Key finds it.
         let _ = r.reply.send(answer);
     }
-    submit::dispatch_all(app, &dispatch).await;
+    if !dispatch.is_empty() && dispatches.send(dispatch).is_err() {
+        tracing::warn!(
+            "the admission push task has stopped; the reconciler will dispatch these runs"
+        );
+    }
 }
 
 async fn decide(
     app: &App,
-    conn: &mut Option<PgConnection>,
+    conn: &mut Option<Session>,
     batch: &[Request],
+    waiting: &(dyn Fn() -> bool + Sync),
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
-    let db = match conn {
-        Some(db) => db,
-        None => conn.insert(orrery_workflows::config::connect_dedicated(&app.pool).await?),
+    let session = match conn {
+        Some(session) => session,
+        None => conn.insert(Session {
+            db: orrery_workflows::config::connect_dedicated(&app.pool).await?,
+            begun: None,
+        }),
     };
-    decide_and_write(app, db, batch).await
+    session.begin().await?;
+    let answers = decide_and_write(app, &mut session.db, batch).await?;
+    session.commit(waiting()).await?;
+    Ok(answers)
+}
+
+/// A pipeline's connection and the transaction open on it.
+///
+/// A batch costs two round trips while requests keep coming: its statement
+/// ([`write_all`]) and `COMMIT; BEGIN`, one message that commits it and
+/// opens the next batch's transaction when that batch is already waiting.
+/// A transaction opened that way and left unused (the other pipeline took
+/// the requests) is begun afresh once it is older than [`FRESH`], because
+/// `now()` (the rows' timestamps) is the transaction's start. On any error
+/// the session is dropped, and its transaction with it.
+struct Session {
+    db: PgConnection,
+    /// When the open transaction began; `None` outside one.
+    begun: Option<Instant>,
+}
+
+/// How old an open transaction may be and still take a batch.
+const FRESH: Duration = Duration::from_millis(20);
+
+impl Session {
+    async fn begin(&mut self) -> Result<(), sqlx::Error> {
+        match self.begun {
+            Some(at) if at.elapsed() <= FRESH => return Ok(()),
+            Some(_) => simple(&mut self.db, "ROLLBACK; BEGIN").await?,
+            None => simple(&mut self.db, "BEGIN").await?,
+        }
+        self.begun = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn commit(&mut self, next_waiting: bool) -> Result<(), sqlx::Error> {
+        self.begun = None;
+        if next_waiting {
+            simple(&mut self.db, "COMMIT; BEGIN").await?;
+            self.begun = Some(Instant::now());
+        } else {
+            simple(&mut self.db, "COMMIT").await?;
+        }
+        Ok(())
+    }
+}
+
+/// One or more statements without parameters, in one message.
+async fn simple(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, sql).await.map(|_| ())
+}
+
+/// The error `admission_ledger` raises when a remembered key no longer
+/// holds (migrations/0010_admission_ledger.sql).
+fn stale_key(err: &ApiError) -> bool {
+    err.internal
+        .as_ref()
+        .and_then(|e| e.downcast_ref::<sqlx::Error>())
+        .and_then(|e| e.as_database_error())
+        .is_some_and(|e| e.code().as_deref() == Some("OR001"))
 }
 
 fn lost_idempotency_race(err: &ApiError) -> bool {
@@ -250,7 +376,8 @@ fn lost_idempotency_race(err: &ApiError) -> bool {
         .is_some_and(submit::is_idempotency_race)
 }
 
-/// One transaction for the whole batch: an answer per request.
+/// The whole batch in the transaction [`decide`] opened and commits: an
+/// answer per request.
 ///
 /// Everything a request writes is written before the admission lock is
 /// taken, so the lock is held only to read the ledger, decide, withdraw the
@@ -262,9 +389,12 @@ async fn decide_and_write(
     conn: &mut PgConnection,
     batch: &[Request],
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
-    let mut tx = conn.begin().await?;
-    let (callers, mut answers) = identify(app, &mut tx, batch).await?;
-    repeats(&mut tx, batch, &callers, &mut answers).await?;
+    let Identified {
+        callers,
+        mut answers,
+        rechecks,
+    } = identify(app, &mut *conn, batch).await?;
+    repeats(&mut *conn, batch, &callers, &mut answers).await?;
     let mut written: Vec<Admitted<'_>> = Vec::new();
     for (index, ((r, caller), answer)) in batch
         .iter()
@@ -295,14 +425,20 @@ async fn decide_and_write(
         }
     }
     if written.is_empty() {
-        tx.commit().await?;
+        // Nothing to write, so no statement re-checks the remembered keys
+        // of the batch's repeats and refusals: check them on their own.
+        if !rechecks.is_empty() {
+            bind_rechecks(
+                sqlx::query("SELECT admission_recheck($1, $2, $3, $4)"),
+                &rechecks,
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
         return Ok(answered(answers));
     }
-    write_all(&mut tx, &written).await?;
-
-    quotas::lock(&mut tx).await?;
     let users: Vec<Uuid> = written.iter().map(|a| a.caller.user_id).collect();
-    let mut ledger = Ledger::load(&mut tx, &app.config, &users).await?;
+    let mut ledger = write_all(&mut *conn, &app.config, &written, &users, &rechecks).await?;
     let mut refused: Vec<&Admitted<'_>> = Vec::new();
     for a in &written {
         let size = i64::from(a.request.spec.size);
@@ -326,9 +462,8 @@ async fn decide_and_write(
         }
     }
     if !refused.is_empty() {
-        withdraw(&mut tx, &refused).await?;
+        withdraw(&mut *conn, &refused).await?;
     }
-    tx.commit().await?;
     Ok(answered(answers))
 }
 
@@ -370,19 +505,30 @@ struct Admitted<'a> {
 }
 
 /// Each request's caller, its API key checked now if it came unchecked
-/// (one query for the batch); a refused key is the request's answer.
-async fn identify(
-    app: &App,
-    conn: &mut PgConnection,
-    batch: &[Request],
-) -> ApiResult<(Vec<Option<Caller>>, Vec<Option<ApiResult<Submitted>>>)> {
-    let presented: Vec<&Credentials> = batch
-        .iter()
-        .filter_map(|r| match &r.requester {
-            Requester::Presented(key) => Some(key),
-            Requester::Known(_) => None,
-        })
-        .collect();
+/// (one query for the batch, none for keys this process verified lately,
+/// which the batch's statement re-checks: the [`Recheck`]s); a refused key
+/// is the request's answer.
+async fn identify(app: &App, conn: &mut PgConnection, batch: &[Request]) -> ApiResult<Identified> {
+    let keys = &app.admissions.keys;
+    let mut remembered: Vec<Option<Caller>> = Vec::with_capacity(batch.len());
+    let mut rechecks = Vec::new();
+    let mut presented: Vec<&Credentials> = Vec::new();
+    for r in batch {
+        let known = match &r.requester {
+            Requester::Presented(key) => match keys.get(key) {
+                Some((caller, recheck)) => {
+                    rechecks.push(recheck);
+                    Some(caller)
+                }
+                None => {
+                    presented.push(key);
+                    None
+                }
+            },
+            Requester::Known(caller) => Some(caller.clone()),
+        };
+        remembered.push(known);
+    }
     let mut verdicts = if presented.is_empty() {
         Vec::new()
     } else {
@@ -391,10 +537,17 @@ async fn identify(
     .into_iter();
     let mut callers = Vec::with_capacity(batch.len());
     let mut answers = Vec::with_capacity(batch.len());
-    for r in batch {
-        let verdict = match &r.requester {
-            Requester::Known(caller) => Ok(caller.clone()),
-            Requester::Presented(_) => verdicts.next().expect("a verdict per presented key"),
+    for (r, known) in batch.iter().zip(remembered) {
+        let verdict = match (known, &r.requester) {
+            (Some(caller), _) => Ok(caller),
+            (None, Requester::Presented(key)) => {
+                let verdict = verdicts.next().expect("a verdict per presented key");
+                if let Ok(caller) = &verdict {
+                    keys.remember(key, caller);
+                }
+                verdict
+            }
+            (None, Requester::Known(_)) => unreachable!("a known caller is always remembered"),
         };
         match verdict {
             Ok(caller) => {
@@ -407,7 +560,19 @@ async fn identify(
             }
         }
     }
-    Ok((callers, answers))
+    Ok(Identified {
+        callers,
+        answers,
+        rechecks,
+    })
+}
+
+/// What [`identify`] found.
+struct Identified {
+    callers: Vec<Option<Caller>>,
+    answers: Vec<Option<ApiResult<Submitted>>>,
+    /// Remembered keys, for the batch's statement to check again.
+    rechecks: Vec<Recheck>,
 }
 
 /// The answers known before admission: requests whose `Idempotency-Key`
@@ -438,20 +603,67 @@ async fn repeats(
 /// and task rows ([`submit`]'s CTEs) and their clusters with an account on
 /// each for the owner (and, when shared, for every active member of the
 /// owner's group). Foreign keys between them are checked at its end.
-async fn write_all(conn: &mut PgConnection, written: &[Admitted<'_>]) -> Result<(), sqlx::Error> {
+///
+/// Once every row is inserted the same statement takes the admission lock
+/// and reads the quota ledger of `users` under it (`admission_ledger`,
+/// migrations/0010_admission_ledger.sql): the lock is taken after the
+/// writes, so it is held only for the read, the decision and the commit,
+/// and neither costs a round trip of its own.
+async fn write_all(
+    conn: &mut PgConnection,
+    cfg: &ApiConfig,
+    written: &[Admitted<'_>],
+    users: &[Uuid],
+    rechecks: &[Recheck],
+) -> Result<Ledger, sqlx::Error> {
     let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
     let runs = submit::runs_of(&tasks);
     let clusters_first = 1 + store::RUNS_CTE_PARAMS + submit::TASKS_CTE_PARAMS;
+    let p = store::placeholders(clusters_first + CLUSTERS_CTE_PARAMS, 7);
+    // Every CTE is counted so that all of them have run when the ledger is
+    // called with the count (an unread CTE would run after the main query,
+    // with the lock held). The remembered keys are re-checked before it
+    // (`admission_recheck` fails the statement when one no longer holds).
     let sql = format!(
-        "WITH {}, {}, {} SELECT 1",
+        "WITH {}, {}, {}
+         SELECT l.* FROM (SELECT (SELECT count(*) FROM new_runs) + (SELECT count(*) FROM new_runs_history)
+                                + (SELECT count(*) FROM new_tasks) + (SELECT count(*) FROM new_callbacks)
+                                + (SELECT count(*) FROM new_clusters) + (SELECT count(*) FROM new_accounts)
+                                + admission_recheck({}, {}, {}, {})
+                                AS n) w,
+                         LATERAL admission_ledger(w.n, {}, {}, {}) l",
         store::runs_cte(1),
         submit::tasks_cte(1 + store::RUNS_CTE_PARAMS),
-        clusters_cte(clusters_first)
+        clusters_cte(clusters_first),
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6],
     );
     let query = store::bind_runs(sqlx::query(&sql), &runs);
     let query = submit::bind_tasks(query, &tasks);
-    bind_clusters(query, written).execute(conn).await?;
-    Ok(())
+    let query = bind_rechecks(bind_clusters(query, written), rechecks);
+    let rows = Ledger::bind(query, cfg, users).fetch_all(conn).await?;
+    Ledger::from_rows(cfg, &rows)
+}
+
+/// Bind the four arrays `admission_recheck` takes.
+fn bind_rechecks<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    rechecks: &'q [Recheck],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(
+            rechecks
+                .iter()
+                .map(|r| r.lookup.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rechecks
+                .iter()
+                .map(|r| r.secret_sha256.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rechecks.iter().map(|r| r.user_id).collect::<Vec<_>>())
+        .bind(rechecks.iter().map(|r| r.group_id).collect::<Vec<_>>())
 }
 
 /// Parameters of [`clusters_cte`].
@@ -486,6 +698,7 @@ fn clusters_cte(first: usize) -> String {
                     FROM ssh_keys k WHERE k.user_id = u.id),
                    m.sudoer
             FROM members m JOIN users u ON u.id = m.user_id
+            RETURNING 1
          )",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
     )

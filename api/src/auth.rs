@@ -7,9 +7,13 @@
 //! `Authorization: Basic base64(<lookup>:<secret>)`, so the id is the
 //! original platform's `apiKey` and the secret its `apiSecret`.
 //!
-//! Every request reads the key row (one indexed query; for cluster requests
-//! one query per admission batch), so a revoked key is refused at once by
-//! every API process; nothing is cached.
+//! Every request reads the key row (one indexed query), so a revoked key is
+//! refused at once by every API process. Cluster requests are checked by
+//! their admission batch instead: a key this process verified in the last
+//! minute ([`VerifiedKeys`]) is not read before the batch's rows are
+//! prepared, but checked again by the batch's own statement, in its
+//! transaction, which fails (and the batch is checked anew) when any of
+//! them no longer holds; other keys with one query for the batch.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use base64::Engine as _;
@@ -121,6 +125,82 @@ impl Credentials {
         let mut conn = state.0.pool.acquire().await?;
         let mut answers = verify_all(&mut conn, &state.0.pool, &[self]).await?;
         answers.pop().expect("one answer per key")
+    }
+}
+
+/// Keys this process verified recently, with the caller each named: the
+/// admission batches use them to prepare rows without a query of their own
+/// and re-check them in the statement that writes the rows
+/// (`crate::admission`), so what they save is a round trip, not a check.
+/// An entry is used only for the very secret that was verified, and only
+/// for a minute: after that the key is read again, which also keeps its
+/// `last_used_at` as current as an uncached key's.
+#[derive(Default)]
+pub struct VerifiedKeys {
+    entries: std::sync::Mutex<std::collections::HashMap<String, Verified>>,
+}
+
+struct Verified {
+    secret_sha256: Vec<u8>,
+    caller: Caller,
+    at: std::time::Instant,
+}
+
+/// How long a verified key is remembered.
+const REMEMBERED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Most keys remembered at once; past it the memory starts over.
+const MOST_REMEMBERED: usize = 100_000;
+
+/// A remembered key as the batch's statement re-checks it.
+pub struct Recheck {
+    pub lookup: String,
+    pub secret_sha256: Vec<u8>,
+    pub user_id: Uuid,
+    pub group_id: Option<Uuid>,
+}
+
+impl VerifiedKeys {
+    /// The caller `key` named when it was verified, if that was within
+    /// [`REMEMBERED`] and with this same secret; with what to re-check.
+    pub fn get(&self, key: &Credentials) -> Option<(Caller, Recheck)> {
+        let entries = self.entries.lock().expect("verified keys lock poisoned");
+        let v = entries.get(&key.lookup)?;
+        let presented = sha256(&key.secret);
+        if v.at.elapsed() > REMEMBERED || !bool::from(v.secret_sha256.ct_eq(&presented)) {
+            return None;
+        }
+        Some((
+            v.caller.clone(),
+            Recheck {
+                lookup: key.lookup.clone(),
+                secret_sha256: presented,
+                user_id: v.caller.user_id,
+                group_id: v.caller.group_id,
+            },
+        ))
+    }
+
+    pub fn remember(&self, key: &Credentials, caller: &Caller) {
+        let mut entries = self.entries.lock().expect("verified keys lock poisoned");
+        if entries.len() >= MOST_REMEMBERED {
+            entries.clear();
+        }
+        entries.insert(
+            key.lookup.clone(),
+            Verified {
+                secret_sha256: sha256(&key.secret),
+                caller: caller.clone(),
+                at: std::time::Instant::now(),
+            },
+        );
+    }
+
+    pub fn forget<'a>(&self, lookups: impl IntoIterator<Item = &'a str>) {
+        let mut entries = self.entries.lock().expect("verified keys lock poisoned");
+        for lookup in lookups {
+            entries.remove(lookup);
+        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! Admission of a cluster request: the user's quota, the group's quota, the
 //! machines actually available, and other groups' unused reservations.
 //!
-//! [`admit`] is the pure decision, tested here; [`Ledger::load`] reads its
-//! inputs for a whole batch of requests in the submitting transaction, after
-//! the admission lock is taken so two batches (or two API processes) cannot
-//! both spend the same machines ([`crate::admission`]).
+//! [`admit`] is the pure decision, tested here; its inputs are the rows of
+//! `quota_ledger` (migrations/0010_admission_ledger.sql), which
+//! [`crate::admission`] reads for a whole batch of requests through
+//! `admission_ledger`, after the admission lock, so two batches (or two API
+//! processes) cannot both spend the same machines.
 //!
 //! - usage: sum of the sizes of a user's (group's) clusters in
 //!   `provisioning`, `running` or `terminating`, kept as counters in
@@ -19,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{PgConnection, Row};
+use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::app::{ApiConfig, Provider};
@@ -99,20 +100,6 @@ pub fn admit(s: &Standing, size: i64) -> Result<(), Refusal> {
     })
 }
 
-/// The `machine_usage` scope counting the machines of clusters still provisioning.
-const PENDING: &str = "00000000-0000-0000-0000-000000000000";
-
-/// Serialise admissions: one transaction-scoped advisory lock, so quota and
-/// availability are read and spent atomically across every API process.
-/// Held until the commit; [`crate::admission`] makes a whole batch of
-/// requests share it.
-pub async fn lock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(7263548129)")
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// Read the caller's standing in one statement.
 pub async fn load(
     conn: &mut PgConnection,
@@ -155,46 +142,43 @@ struct GroupLine {
 }
 
 impl Ledger {
-    /// Read the ledger of `users` (unknown ids are left out).
+    /// Read the ledger of `users` (unknown ids are left out), without the
+    /// admission lock: what a caller's standing is now, for display.
     pub async fn load(
         conn: &mut PgConnection,
         cfg: &ApiConfig,
         users: &[Uuid],
     ) -> Result<Ledger, sqlx::Error> {
-        // Usage comes from the counters of migrations/0006_machine_usage.sql:
-        // a few primary-key reads, however many clusters exist. The machine
-        // counts are bounded by the inventory (pool) or the capacity (local).
-        let sql = format!(
-            "WITH me AS (SELECT id, quota_machines, group_id FROM users WHERE id = ANY($1))
-             SELECT 'user' AS kind, me.id, me.quota_machines::bigint AS quota, me.group_id,
-                    NULL::text AS name, 0::bigint AS reserved,
-                    COALESCE((SELECT machines FROM machine_usage WHERE scope = me.id), 0) AS usage
-             FROM me
-             UNION ALL
-             SELECT 'group', g.id, g.quota_machines::bigint, NULL, g.name, g.reserved_machines::bigint,
-                    COALESCE((SELECT machines FROM machine_usage WHERE scope = g.id), 0)
-             FROM groups g
-             WHERE g.reserved_machines > 0 OR g.id IN (SELECT group_id FROM me)
-             UNION ALL
-             SELECT 'available', NULL, NULL, NULL, NULL, 0,
-                    (CASE WHEN $2 = 'pool'
-                          THEN (SELECT count(*) FROM machines WHERE provider = 'pool' AND state = 'free')
-                          ELSE $3 - (SELECT count(*) FROM machines WHERE provider = 'local' AND state = 'allocated')
-                     END
-                     - COALESCE((SELECT machines FROM machine_usage WHERE scope = '{PENDING}'), 0)
-                     + (SELECT count(*) FROM machines m
-                        WHERE m.state = 'allocated'
-                          AND m.cluster_id IN (SELECT id FROM clusters WHERE state = 'provisioning')))::bigint"
-        );
-        let rows = sqlx::query(&sql)
+        // The query is `quota_ledger` (migrations/0010_admission_ledger.sql),
+        // which the admission statement reads under the lock.
+        let rows = Ledger::bind(
+            sqlx::query("SELECT * FROM quota_ledger($1, $2, $3)"),
+            cfg,
+            users,
+        )
+        .fetch_all(conn)
+        .await?;
+        Ledger::from_rows(cfg, &rows)
+    }
+
+    /// Bind the arguments `quota_ledger` and `admission_ledger` take after
+    /// their first ones (the users, the provider, the local capacity).
+    pub fn bind<'q>(
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        cfg: &ApiConfig,
+        users: &'q [Uuid],
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
             .bind(users)
             .bind(match cfg.provider {
                 Provider::Pool => "pool",
                 Provider::Local => "local",
             })
             .bind(cfg.local_capacity)
-            .fetch_all(conn)
-            .await?;
+    }
+
+    /// The ledger in the rows of `quota_ledger` (or `admission_ledger`).
+    pub fn from_rows(cfg: &ApiConfig, rows: &[PgRow]) -> Result<Ledger, sqlx::Error> {
         let mut ledger = Ledger {
             default_quota: cfg.default_quota,
             ..Ledger::default()

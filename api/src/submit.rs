@@ -235,10 +235,12 @@ pub(crate) fn tasks_cte(first: usize) -> String {
         "new_tasks AS (
             INSERT INTO tasks (run_id, user_id, cluster_id, kind, idempotency_key, request_sha256)
             SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::bytea[])
+            RETURNING 1
          ),
          new_callbacks AS (
             INSERT INTO callbacks (id, task_run_id, user_id, url, delivery_run_id)
             SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::uuid[], {}::text[], {}::uuid[])
+            RETURNING 1
          )",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
     )

@@ -411,6 +411,7 @@ pub fn runs_cte(first: usize) -> String {
          new_runs_history AS (
             INSERT INTO run_history (run_id, event, detail)
             SELECT id, 'submitted', jsonb_build_object('by', created_by) FROM new_runs
+            RETURNING 1
          )",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6]
     )
