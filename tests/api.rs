@@ -1764,15 +1764,16 @@ async fn a_remembered_key_revoked_behind_the_apis_back_is_refused_at_once() {
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     }
-    let first = api
-        .call(
+    let carols_request = || {
+        api.call(
             Method::POST,
             "/v1/clusters",
             Some(&carol),
             Some(json!({ "name": "c", "size": 1 })),
             &idem,
         )
-        .await;
+    };
+    let first = carols_request().await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
     for sql in [
         "UPDATE api_keys SET revoked_at = now() WHERE user_id IN (SELECT id FROM users WHERE name IN ('alice', 'carol'))",
@@ -1789,16 +1790,7 @@ async fn a_remembered_key_revoked_behind_the_apis_back_is_refused_at_once() {
     a.assert_problem(401, None);
     b.assert_problem(403, None);
     assert_eq!(d.status, StatusCode::ACCEPTED, "{}", d.body);
-    let repeat = api
-        .call(
-            Method::POST,
-            "/v1/clusters",
-            Some(&carol),
-            Some(json!({ "name": "c", "size": 1 })),
-            &idem,
-        )
-        .await;
-    repeat.assert_problem(401, None);
+    carols_request().await.assert_problem(401, None);
     assert_eq!(
         (
             api.count("clusters").await,
