@@ -1121,7 +1121,22 @@ async fn operators_list_cancel_and_replay_runs_alone_and_in_bulk_and_every_actio
         "{actions:?}"
     );
     let run = api.get(&format!("/v1/admin/runs/{t3}"), &root).await;
-    assert!(run.body["history"].as_array().unwrap().len() > 3);
+    let history = run.body["history"].as_array().unwrap();
+    assert!(history.len() > 3, "{history:?}");
+    // `submitted` is read from the run itself, first, naming the submitter.
+    assert_eq!(
+        (&history[0]["event"], &history[0]["detail"]["by"]),
+        (&json!("submitted"), &json!("alice")),
+        "{history:?}"
+    );
+    assert_eq!(
+        history.iter().filter(|e| e["event"] == "submitted").count(),
+        1
+    );
+    let times: Vec<&str> = history.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort_by_key(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap());
+    assert_eq!(times, sorted, "history is oldest first");
     // A failed cluster can be terminated.
     let c3 = uuid(&api.get(&format!("/v1/tasks/{t3}"), &alice).await.body["cluster_id"]);
     api.env

@@ -381,9 +381,11 @@ fn lost_idempotency_race(err: &ApiError) -> bool {
 ///
 /// Everything a request writes is written before the admission lock is
 /// taken, so the lock is held only to read the ledger, decide, withdraw the
-/// rows of refused requests (rare) and commit, while another pipeline writes
-/// its batch. The usage counters follow at commit (a deferred trigger), so
-/// the ledger read under the lock counts only committed clusters.
+/// rows of refused requests (rare) and commit, while other API processes
+/// write their batches. The batch's clusters are added to the usage
+/// counters when its statement ends, after the ledger read (a statement
+/// trigger, migrations/0011), so the ledger counts only committed clusters
+/// and the batch is spent in memory.
 async fn decide_and_write(
     app: &App,
     conn: &mut PgConnection,
@@ -474,19 +476,16 @@ fn answered(answers: Vec<Option<ApiResult<Submitted>>>) -> Vec<ApiResult<Submitt
         .collect()
 }
 
-/// Delete what refused requests wrote: their runs with their history (no
-/// foreign key there, migrations/0005_hot_path_keys.sql) and, by cascade,
-/// their task and callback rows; then their clusters (with their accounts).
+/// Delete what refused requests wrote: their runs (which have no history
+/// yet: `submitted` is read from the run) and, by cascade, their task and
+/// callback rows; then their clusters (with their accounts).
 async fn withdraw(conn: &mut PgConnection, refused: &[&Admitted<'_>]) -> Result<(), sqlx::Error> {
     let runs: Vec<Uuid> = refused.iter().flat_map(|a| a.task.run_ids()).collect();
     let clusters: Vec<Uuid> = refused.iter().map(|a| a.cluster_id).collect();
-    sqlx::query(
-        "WITH history AS (DELETE FROM run_history WHERE run_id = ANY($1))
-         DELETE FROM runs WHERE id = ANY($1)",
-    )
-    .bind(&runs)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("DELETE FROM runs WHERE id = ANY($1)")
+        .bind(&runs)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("DELETE FROM clusters WHERE id = ANY($1)")
         .bind(&clusters)
         .execute(&mut *conn)
@@ -626,7 +625,7 @@ async fn write_all(
     // (`admission_recheck` fails the statement when one no longer holds).
     let sql = format!(
         "WITH {}, {}, {}
-         SELECT l.* FROM (SELECT (SELECT count(*) FROM new_runs) + (SELECT count(*) FROM new_runs_history)
+         SELECT l.* FROM (SELECT (SELECT count(*) FROM new_runs)
                                 + (SELECT count(*) FROM new_tasks) + (SELECT count(*) FROM new_callbacks)
                                 + (SELECT count(*) FROM new_clusters) + (SELECT count(*) FROM new_accounts)
                                 + admission_recheck({}, {}, {}, {})
@@ -667,10 +666,14 @@ fn bind_rechecks<'q>(
 }
 
 /// Parameters of [`clusters_cte`].
-const CLUSTERS_CTE_PARAMS: usize = 9;
+const CLUSTERS_CTE_PARAMS: usize = 10;
 
 /// The CTEs inserting clusters and their accounts, parameters from `$first`
-/// ([`CLUSTERS_CTE_PARAMS`] of them, bound by [`bind_clusters`]).
+/// ([`CLUSTERS_CTE_PARAMS`] of them, bound by [`bind_clusters`]). The
+/// owner's account takes the owner's name from the batch, so only the
+/// members of a shared cluster's group are looked up in `users` (by the
+/// group's index): a plan fixed on the admission connection never scans
+/// every user.
 fn clusters_cte(first: usize) -> String {
     let p = store::placeholders(first, CLUSTERS_CTE_PARAMS);
     format!(
@@ -685,22 +688,23 @@ fn clusters_cte(first: usize) -> String {
             RETURNING id, owner_id, group_id, shared
          ),
          members AS (
-            SELECT c.id AS cluster_id, c.owner_id AS user_id, true AS sudoer FROM new_clusters c
+            SELECT o.cluster_id, o.user_id, o.name, true AS sudoer
+            FROM unnest({}::uuid[], {}::uuid[], {}::text[]) AS o(cluster_id, user_id, name)
             UNION ALL
-            SELECT c.id, u.id, false
+            SELECT c.id, u.id, u.name, false
             FROM new_clusters c JOIN users u ON c.shared AND u.group_id = c.group_id
                                    AND u.id <> c.owner_id AND u.disabled_at IS NULL
          ),
          new_accounts AS (
             INSERT INTO cluster_users (cluster_id, username, user_id, public_key, is_sudoer)
-            SELECT m.cluster_id, u.name, u.id,
+            SELECT m.cluster_id, m.name, m.user_id,
                    (SELECT string_agg(k.public_key, E'\\n' ORDER BY k.created_at)
-                    FROM ssh_keys k WHERE k.user_id = u.id),
+                    FROM ssh_keys k WHERE k.user_id = m.user_id),
                    m.sudoer
-            FROM members m JOIN users u ON u.id = m.user_id
+            FROM members m
             RETURNING 1
          )",
-        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[0], p[2], p[9]
     )
 }
 
@@ -754,4 +758,10 @@ fn bind_clusters<'q>(
                 .collect::<Vec<_>>(),
         )
         .bind(admitted.iter().map(|a| a.task.run_id()).collect::<Vec<_>>())
+        .bind(
+            admitted
+                .iter()
+                .map(|a| a.caller.name.as_str())
+                .collect::<Vec<_>>(),
+        )
 }

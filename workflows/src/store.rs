@@ -389,12 +389,12 @@ pub async fn insert_runs(conn: &mut PgConnection, runs: &[&NewRun]) -> Result<()
 /// Parameters of [`runs_cte`].
 pub const RUNS_CTE_PARAMS: usize = 7;
 
-/// The data-modifying CTEs `new_runs` and `new_runs_history` that insert
-/// queued runs with their `submitted` history event, their parameters
-/// numbered from `$first` ([`RUNS_CTE_PARAMS`] of them, bound by
-/// [`bind_runs`]): a caller puts them in its own statement to write runs and
+/// The data-modifying CTE `new_runs` that inserts queued runs, its
+/// parameters numbered from `$first` ([`RUNS_CTE_PARAMS`] of them, bound by
+/// [`bind_runs`]): a caller puts it in its own statement to write runs and
 /// its own rows in one round trip (`new_runs` can be read: `id`,
-/// `created_by`).
+/// `created_by`). A run's `submitted` event is its row's `created_at` and
+/// `created_by`, not a history row ([`history`]).
 pub fn runs_cte(first: usize) -> String {
     let p = placeholders(first, RUNS_CTE_PARAMS);
     format!(
@@ -407,11 +407,6 @@ pub fn runs_cte(first: usize) -> String {
                         {}::float8[])
                  AS t(id, workflow, version, input, queue, created_by, stuck_secs)
             RETURNING id, created_by
-         ),
-         new_runs_history AS (
-            INSERT INTO run_history (run_id, event, detail)
-            SELECT id, 'submitted', jsonb_build_object('by', created_by) FROM new_runs
-            RETURNING 1
          )",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6]
     )
@@ -680,9 +675,18 @@ pub struct HistoryEvent {
     pub detail: Option<Value>,
 }
 
+/// A run's history, oldest first: its `submitted` event, read from the run
+/// itself (migrations/0012_submitted_from_runs.sql), then its `run_history`.
 pub async fn history(pool: &PgPool, run_id: Uuid) -> Result<Vec<HistoryEvent>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT at, event, step, detail FROM run_history WHERE run_id = $1 ORDER BY id",
+        "SELECT at, event, step, detail FROM (
+             SELECT 0 AS part, 0::bigint AS id, created_at AS at, 'submitted' AS event,
+                    NULL::text AS step, jsonb_build_object('by', created_by) AS detail
+             FROM runs WHERE id = $1
+             UNION ALL
+             SELECT 1, id, at, event, step, detail FROM run_history WHERE run_id = $1
+         ) AS h
+         ORDER BY part, id",
     )
     .bind(run_id)
     .fetch_all(pool)
