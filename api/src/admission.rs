@@ -478,7 +478,8 @@ fn answered(answers: Vec<Option<ApiResult<Submitted>>>) -> Vec<ApiResult<Submitt
 
 /// Delete what refused requests wrote: their runs (which have no history
 /// yet: `submitted` is read from the run) and, by cascade, their task and
-/// callback rows; then their clusters (with their accounts).
+/// callback rows; then their accounts and clusters (no foreign key between
+/// those, migrations/0013_admission_keys.sql).
 async fn withdraw(conn: &mut PgConnection, refused: &[&Admitted<'_>]) -> Result<(), sqlx::Error> {
     let runs: Vec<Uuid> = refused.iter().flat_map(|a| a.task.run_ids()).collect();
     let clusters: Vec<Uuid> = refused.iter().map(|a| a.cluster_id).collect();
@@ -486,10 +487,13 @@ async fn withdraw(conn: &mut PgConnection, refused: &[&Admitted<'_>]) -> Result<
         .bind(&runs)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("DELETE FROM clusters WHERE id = ANY($1)")
-        .bind(&clusters)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "WITH accounts AS (DELETE FROM cluster_users WHERE cluster_id = ANY($1))
+         DELETE FROM clusters WHERE id = ANY($1)",
+    )
+    .bind(&clusters)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -601,7 +605,8 @@ async fn repeats(
 /// Everything the written requests record, in one statement: their runs
 /// and task rows ([`submit`]'s CTEs) and their clusters with an account on
 /// each for the owner (and, when shared, for every active member of the
-/// owner's group). Foreign keys between them are checked at its end.
+/// owner's group). Of their foreign keys only the tasks' runs are checked, at its end
+/// (migrations/0013_admission_keys.sql).
 ///
 /// Once every row is inserted the same statement takes the admission lock
 /// and reads the quota ledger of `users` under it (`admission_ledger`,
