@@ -169,8 +169,33 @@ async fn run(
         // A pipeline with requests carried over must not wait for the queue:
         // the other pipeline may hold it while waiting for a request.
         let queue = if batch.is_empty() {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
+            // The transaction the last COMMIT opened waits [`FRESH`] for the
+            // next request, then is ended: it is never left open while idle.
+            let first = async {
+                let mut rx = rx.lock().await;
+                let r = rx.recv().await;
+                (rx, r)
+            };
+            let (rx, first) = match conn.as_ref().and_then(|s| s.begun) {
+                Some(begun) => {
+                    let window = FRESH.saturating_sub(begun.elapsed());
+                    match tokio::time::timeout(window, first).await {
+                        Ok(got) => got,
+                        Err(_) => {
+                            if let Some(session) = conn.as_mut() {
+                                if session.end().await.is_err() {
+                                    conn = None;
+                                }
+                            }
+                            let mut rx = rx.lock().await;
+                            let r = rx.recv().await;
+                            (rx, r)
+                        }
+                    }
+                }
+                None => first.await,
+            };
+            match first {
                 Some(r) => batch.push(r),
                 None => return,
             }
@@ -189,15 +214,11 @@ async fn run(
         let Some(app) = app.upgrade() else { return };
         let (now, later) = split_repeated_keys(batch);
         carried = later;
-        // Whether a next batch is already waiting when this one commits
-        // (then its BEGIN goes with the COMMIT, see [`Session`]). The other
-        // pipeline holding the queue is waiting for a request: none is.
-        let waiting = || !carried.is_empty() || rx.try_lock().is_ok_and(|rx| !rx.is_empty());
         // A bug in one batch must not stop admission for the process'
         // lifetime: its requests are answered 503 (their replies dropped),
         // the connection is replaced, and the next batch goes on.
-        let admitted = AssertUnwindSafe(admit_batch(&app, &mut conn, now, &dispatches, &waiting))
-            .catch_unwind();
+        let admitted =
+            AssertUnwindSafe(admit_batch(&app, &mut conn, now, &dispatches)).catch_unwind();
         if admitted.await.is_err() {
             tracing::error!("admission batch panicked; its requests were answered 503");
             conn = None;
@@ -232,9 +253,8 @@ async fn admit_batch(
     conn: &mut Option<Session>,
     batch: Vec<Request>,
     dispatches: &Dispatches,
-    waiting: &(dyn Fn() -> bool + Sync),
 ) {
-    let mut decided = decide(app, conn, &batch, waiting).await;
+    let mut decided = decide(app, conn, &batch).await;
     if decided.as_ref().is_err_and(stale_key) {
         // A key this process remembered no longer holds (revoked, its user
         // disabled or moved): forget the batch's keys and check them anew.
@@ -245,14 +265,14 @@ async fn admit_batch(
                 Requester::Presented(key) => Some(key.lookup.as_str()),
                 Requester::Known(_) => None,
             }));
-        decided = decide(app, conn, &batch, waiting).await;
+        decided = decide(app, conn, &batch).await;
     }
     if batch.len() == 1 && decided.as_ref().is_err_and(lost_idempotency_race) {
         // Another transaction committed this request's `Idempotency-Key`
         // while this one wrote (the insert waited for it); the request is
         // now a repeat, which the lookup finds.
         *conn = None;
-        decided = decide(app, conn, &batch, waiting).await;
+        decided = decide(app, conn, &batch).await;
     }
     let answers = match decided {
         Ok(answers) => answers,
@@ -267,7 +287,7 @@ async fn admit_batch(
                     .map_or_else(|| err.detail.clone(), |e| format!("{e:#}"));
                 tracing::warn!(requests = batch.len(), error = %reason, "admission batch failed; admitting its requests one by one");
                 for r in batch {
-                    Box::pin(admit_batch(app, conn, vec![r], dispatches, waiting)).await;
+                    Box::pin(admit_batch(app, conn, vec![r], dispatches)).await;
                 }
                 return;
             }
@@ -298,7 +318,6 @@ async fn decide(
     app: &App,
     conn: &mut Option<Session>,
     batch: &[Request],
-    waiting: &(dyn Fn() -> bool + Sync),
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
     let session = match conn {
         Some(session) => session,
@@ -309,7 +328,7 @@ async fn decide(
     };
     session.begin().await?;
     let answers = decide_and_write(app, &mut session.db, batch).await?;
-    session.commit(waiting()).await?;
+    session.commit().await?;
     Ok(answers)
 }
 
@@ -317,19 +336,22 @@ async fn decide(
 ///
 /// A batch costs two round trips while requests keep coming: its statement
 /// ([`write_all`]) and `COMMIT; BEGIN`, one message that commits it and
-/// opens the next batch's transaction when that batch is already waiting.
-/// A transaction opened that way and left unused (the other pipeline took
-/// the requests) is begun afresh once it is older than [`FRESH`], because
-/// `now()` (the rows' timestamps) is the transaction's start. On any error
-/// the session is dropped, and its transaction with it.
+/// opens the next batch's transaction. That transaction waits at most
+/// [`FRESH`] for the next batch: then the pipeline ends it (see [`run`]),
+/// and a batch that still finds one older (the pipeline was busy elsewhere)
+/// begins afresh, because `now()` (the rows' timestamps) is the
+/// transaction's start. On any error the session is dropped, and its
+/// transaction with it.
 struct Session {
     db: PgConnection,
     /// When the open transaction began; `None` outside one.
     begun: Option<Instant>,
 }
 
-/// How old an open transaction may be and still take a batch.
-const FRESH: Duration = Duration::from_millis(20);
+/// How long a transaction opened by a COMMIT waits for the next batch: the
+/// most a row's `now()` can precede its request's arrival. Under load the
+/// next request comes within a fraction of it.
+const FRESH: Duration = Duration::from_millis(3);
 
 impl Session {
     async fn begin(&mut self) -> Result<(), sqlx::Error> {
@@ -342,15 +364,17 @@ impl Session {
         Ok(())
     }
 
-    async fn commit(&mut self, next_waiting: bool) -> Result<(), sqlx::Error> {
+    async fn commit(&mut self) -> Result<(), sqlx::Error> {
         self.begun = None;
-        if next_waiting {
-            simple(&mut self.db, "COMMIT; BEGIN").await?;
-            self.begun = Some(Instant::now());
-        } else {
-            simple(&mut self.db, "COMMIT").await?;
-        }
+        simple(&mut self.db, "COMMIT; BEGIN").await?;
+        self.begun = Some(Instant::now());
         Ok(())
+    }
+
+    /// End the open (empty) transaction.
+    async fn end(&mut self) -> Result<(), sqlx::Error> {
+        self.begun = None;
+        simple(&mut self.db, "ROLLBACK").await
     }
 }
 
