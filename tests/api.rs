@@ -2136,3 +2136,150 @@ async fn creating_a_user_or_group_that_exists_is_a_conflict_naming_it() {
         .unwrap();
     assert_eq!(users, 1, "the refused request wrote nothing");
 }
+
+/// A batch of cluster requests is admitted whole, in one statement, only
+/// when `admission_fits` says every request fits (migrations/0014); it must
+/// never say so when the request-by-request decision (`quotas::admit` in
+/// arrival order, what admission falls back to) would refuse one of them.
+/// Checked over 400 generated ledgers and batches (user, group and pool
+/// limits, reservations of the caller's and of other groups), each in a
+/// transaction rolled back; the fast path must also be taken often enough
+/// to matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_admitted_whole_only_when_each_request_would_be_admitted_in_turn() {
+    use orrery_api::quotas::{admit, Ledger};
+    let env = TestEnv::new("api_fits").await;
+    let (g1, g2, g3) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    for (id, name) in [(g1, "one"), (g2, "two"), (g3, "three")] {
+        sqlx::query("INSERT INTO groups (id, name) VALUES ($1, $2)")
+            .bind(id)
+            .bind(name)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    let users: Vec<(Uuid, Option<Uuid>)> = vec![
+        (Uuid::now_v7(), Some(g1)),
+        (Uuid::now_v7(), Some(g1)),
+        (Uuid::now_v7(), Some(g2)),
+        (Uuid::now_v7(), None),
+    ];
+    for (i, (id, group)) in users.iter().enumerate() {
+        sqlx::query("INSERT INTO users (id, name, group_id) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(format!("u{i}"))
+            .bind(group)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    // A small deterministic generator: the same cases at every run.
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let (mut whole, mut refused_somewhere) = (0, 0);
+    for case in 0..400 {
+        let config = ApiConfig {
+            provider: Provider::Local,
+            local_capacity: 4 + next(24) as i64,
+            default_quota: 2 + next(10) as i64,
+            ..ApiConfig::default()
+        };
+        let mut conn = env.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+        for (id, quota, reserved) in [
+            (
+                g1,
+                next(3).checked_sub(1).map(|_| 3 + next(10) as i32),
+                next(4) as i32,
+            ),
+            (
+                g2,
+                next(2).checked_sub(1).map(|_| 2 + next(8) as i32),
+                next(5) as i32,
+            ),
+            (g3, None, next(6) as i32),
+        ] {
+            sqlx::query(
+                "UPDATE groups SET quota_machines = $2, reserved_machines = $3 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(quota)
+            .bind(reserved)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        for (id, group) in &users {
+            let quota = (next(3) == 0).then(|| 1 + next(8) as i32);
+            sqlx::query("UPDATE users SET quota_machines = $2 WHERE id = $1")
+                .bind(id)
+                .bind(quota)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            let used = next(4) as i64;
+            for scope in [Some(*id), *group, Some(Uuid::nil())].into_iter().flatten() {
+                sqlx::query(
+                    "INSERT INTO machine_usage (scope, machines) VALUES ($1, $2)
+                     ON CONFLICT (scope) DO UPDATE SET machines = machine_usage.machines + $2",
+                )
+                .bind(scope)
+                .bind(used)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            }
+        }
+        let batch: Vec<(Uuid, i64)> = (0..1 + next(6))
+            .map(|_| {
+                (
+                    users[next(users.len() as u64) as usize].0,
+                    1 + next(4) as i64,
+                )
+            })
+            .collect();
+        let owners: Vec<Uuid> = batch.iter().map(|b| b.0).collect();
+        let mut ledger = Ledger::load(&mut conn, &config, &owners).await.unwrap();
+        let mut all_admitted = true;
+        for (user, size) in &batch {
+            match admit(&ledger.standing(*user).unwrap(), *size) {
+                Ok(()) => ledger.spend(*user, *size),
+                Err(_) => all_admitted = false,
+            }
+        }
+        let fits = sqlx::query_scalar::<_, bool>("SELECT admission_fits($1, $2, 'local', $3, $4)")
+            .bind(&owners)
+            .bind(batch.iter().map(|b| b.1).collect::<Vec<_>>())
+            .bind(config.local_capacity)
+            .bind(config.default_quota)
+            .fetch_one(&mut *conn)
+            .await;
+        let fits = match fits {
+            Ok(fits) => fits,
+            Err(e) => {
+                let code = e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .map(|c| c.into_owned());
+                assert_eq!(code.as_deref(), Some("OR002"), "case {case}: {e}");
+                false
+            }
+        };
+        assert!(
+            !fits || all_admitted,
+            "case {case}: admitted whole although the request-by-request decision refuses one: {batch:?} under {ledger:?}"
+        );
+        whole += usize::from(fits);
+        refused_somewhere += usize::from(!all_admitted);
+        sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    }
+    assert!(
+        whole >= 40 && refused_somewhere >= 40,
+        "the cases must exercise both sides: {whole} admitted whole, {refused_somewhere} with a refusal"
+    );
+}

@@ -1,49 +1,53 @@
 //! Admission of cluster requests by group commit.
 //!
 //! Quota and availability must be read and spent atomically across every API
-//! process, so admission is serialised by one transaction-scoped lock
-//! ([`quotas::lock`]) held until the commit. Admitting one request per
-//! transaction would cap the whole installation at one commit (an fsync and a
-//! dozen round-trips) per cluster request. Instead each API process hands its
-//! cluster requests to [`PIPELINES`] admission tasks; each takes whatever
-//! queued up while its previous batch committed and admits it in one
-//! transaction, on a connection of its own (generic plans: see
+//! process, so admission is serialised by one transaction-scoped advisory
+//! lock (taken by `admission_fits` or `admission_ledger`,
+//! migrations/0010 and 0014) held until the commit. Admitting one request
+//! per transaction would cap the whole installation at one commit (an fsync
+//! and several round trips) per cluster request. Instead each API process
+//! hands its cluster requests to [`PIPELINES`] admission task; it takes
+//! whatever queued up while its previous batch committed and admits it as a
+//! whole, on a connection of its own (generic plans: see
 //! [`orrery_workflows::config::connect_dedicated`]):
 //!
-//! the batch's API keys checked (one query: `/v1` cluster requests arrive
-//! with their key unchecked, see [`Requester`]) → idempotency lookups →
-//! one statement ([`write_all`]) that writes the clusters, accounts, runs,
-//! history and tasks, then takes the lock and reads the [`quotas::Ledger`]
-//! (usage counters, not sums over clusters) → each request decided in
-//! order, in memory → the rows of refused requests deleted → commit →
-//! answers. The runs are pushed to Redis by one more task ([`push`]), so
-//! a pipeline goes on to its next batch without waiting for Redis.
+//! the batch's API keys checked (one query, none for keys verified lately:
+//! `/v1` cluster requests arrive with their key unchecked, see
+//! [`Requester`] and [`auth::VerifiedKeys`]) → idempotency lookups (only
+//! for requests with a key) → one statement ([`admit_all`]) that re-checks
+//! the remembered keys, takes the lock, checks that every request fits
+//! within every bound and writes the clusters, accounts, runs and tasks,
+//! committed as it ends → answers. The runs are pushed to Redis by one more
+//! task ([`push`]), so the pipeline goes on to its next batch without
+//! waiting for Redis.
 //!
-//! Writing before locking keeps the lock to the ledger read, the decision
-//! and the commit, so one pipeline writes while the other holds it; a
-//! refusal costs a delete, which is rare next to admissions.
+//! A batch that does not fit whole (near a limit) is decided request by
+//! request in a transaction: one statement ([`write_all`]) writes its rows,
+//! then takes the lock and reads the [`quotas::Ledger`] (usage counters,
+//! not sums over clusters) → each request decided in order, in memory
+//! ([`quotas::admit`]) → the rows of refused requests deleted → commit.
+//! Writing before locking keeps the lock there to the ledger read, the
+//! decision and the commit.
 //!
 //! Each request still gets its own answer (202, 403, 422, 503). A batch that
 //! fails as a whole (a database error, a concurrent request with the same
-//! `Idempotency-Key` committing first) is retried one request per
-//! transaction, so one request's failure is never another's; a single
-//! request that lost such a race is looked up again and answered with the
-//! winner's task. Two requests
-//! with the same `Idempotency-Key` in one batch are split: the later one waits
-//! for the next batch and finds the first one's task.
+//! `Idempotency-Key` committing first) is retried one request at a time, so
+//! one request's failure is never another's; a single request that lost
+//! such a race is looked up again and answered with the winner's task. Two
+//! requests with the same `Idempotency-Key` in one batch are split: the
+//! later one waits for the next batch and finds the first one's task.
 
 use std::{
     collections::HashSet,
     panic::AssertUnwindSafe,
     sync::{Arc, Weak},
-    time::{Duration, Instant},
 };
 
 use axum::http::StatusCode;
 use futures::FutureExt;
 use orrery_workflows::store;
 use serde_json::json;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
@@ -60,11 +64,10 @@ use crate::{
 /// shares a commit, and the lock is still held for milliseconds only.
 const MAX_BATCH: usize = 128;
 
-/// Admission transactions one API process runs at once. With a batch at two
-/// round trips ([`Session`]) one pipeline gathers larger batches and admits
-/// more per second than two taking turns on the lock (`orrery-bench-api`,
-/// docs/BENCHMARKS.md, session 13); several API processes still write while
-/// another holds the lock.
+/// Admission tasks one API process runs at once. With a batch at one round
+/// trip ([`admit_all`]) one pipeline gathers larger batches and admits more
+/// per second than two taking turns on the lock (`orrery-bench-api`,
+/// docs/BENCHMARKS.md, session 13).
 const PIPELINES: usize = 1;
 
 /// Who asks: a caller already authenticated, or a key the batch checks
@@ -163,39 +166,14 @@ async fn run(
     dispatches: Dispatches,
 ) {
     let mut carried: Vec<Request> = Vec::new();
-    let mut conn: Option<Session> = None;
+    let mut conn: Option<PgConnection> = None;
     loop {
         let mut batch = std::mem::take(&mut carried);
         // A pipeline with requests carried over must not wait for the queue:
         // the other pipeline may hold it while waiting for a request.
         let queue = if batch.is_empty() {
-            // The transaction the last COMMIT opened waits [`FRESH`] for the
-            // next request, then is ended: it is never left open while idle.
-            let first = async {
-                let mut rx = rx.lock().await;
-                let r = rx.recv().await;
-                (rx, r)
-            };
-            let (rx, first) = match conn.as_ref().and_then(|s| s.begun) {
-                Some(begun) => {
-                    let window = FRESH.saturating_sub(begun.elapsed());
-                    match tokio::time::timeout(window, first).await {
-                        Ok(got) => got,
-                        Err(_) => {
-                            if let Some(session) = conn.as_mut() {
-                                if session.end().await.is_err() {
-                                    conn = None;
-                                }
-                            }
-                            let mut rx = rx.lock().await;
-                            let r = rx.recv().await;
-                            (rx, r)
-                        }
-                    }
-                }
-                None => first.await,
-            };
-            match first {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
                 Some(r) => batch.push(r),
                 None => return,
             }
@@ -250,7 +228,7 @@ fn split_repeated_keys(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
 /// dropped, in case the error was the connection's.
 async fn admit_batch(
     app: &App,
-    conn: &mut Option<Session>,
+    conn: &mut Option<PgConnection>,
     batch: Vec<Request>,
     dispatches: &Dispatches,
 ) {
@@ -316,81 +294,29 @@ async fn admit_batch(
 
 async fn decide(
     app: &App,
-    conn: &mut Option<Session>,
+    conn: &mut Option<PgConnection>,
     batch: &[Request],
 ) -> ApiResult<Vec<ApiResult<Submitted>>> {
-    let session = match conn {
-        Some(session) => session,
-        None => conn.insert(Session {
-            db: orrery_workflows::config::connect_dedicated(&app.pool).await?,
-            begun: None,
-        }),
+    let db = match conn {
+        Some(db) => db,
+        None => conn.insert(orrery_workflows::config::connect_dedicated(&app.pool).await?),
     };
-    session.begin().await?;
-    let answers = decide_and_write(app, &mut session.db, batch).await?;
-    session.commit().await?;
-    Ok(answers)
+    decide_and_write(app, db, batch).await
 }
 
-/// A pipeline's connection and the transaction open on it.
-///
-/// A batch costs two round trips while requests keep coming: its statement
-/// ([`write_all`]) and `COMMIT; BEGIN`, one message that commits it and
-/// opens the next batch's transaction. That transaction waits at most
-/// [`FRESH`] for the next batch: then the pipeline ends it (see [`run`]),
-/// and a batch that still finds one older (the pipeline was busy elsewhere)
-/// begins afresh, because `now()` (the rows' timestamps) is the
-/// transaction's start. On any error the session is dropped, and its
-/// transaction with it.
-struct Session {
-    db: PgConnection,
-    /// When the open transaction began; `None` outside one.
-    begun: Option<Instant>,
-}
-
-/// How long a transaction opened by a COMMIT waits for the next batch: the
-/// most a row's `now()` can precede its request's arrival. Under load the
-/// next request comes within a fraction of it.
-const FRESH: Duration = Duration::from_millis(3);
-
-impl Session {
-    async fn begin(&mut self) -> Result<(), sqlx::Error> {
-        match self.begun {
-            Some(at) if at.elapsed() <= FRESH => return Ok(()),
-            Some(_) => simple(&mut self.db, "ROLLBACK; BEGIN").await?,
-            None => simple(&mut self.db, "BEGIN").await?,
-        }
-        self.begun = Some(Instant::now());
-        Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), sqlx::Error> {
-        self.begun = None;
-        simple(&mut self.db, "COMMIT; BEGIN").await?;
-        self.begun = Some(Instant::now());
-        Ok(())
-    }
-
-    /// End the open (empty) transaction.
-    async fn end(&mut self) -> Result<(), sqlx::Error> {
-        self.begun = None;
-        simple(&mut self.db, "ROLLBACK").await
-    }
-}
-
-/// One or more statements without parameters, in one message.
-async fn simple(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, sql).await.map(|_| ())
-}
-
-/// The error `admission_ledger` raises when a remembered key no longer
+/// The error `admission_recheck` raises when a remembered key no longer
 /// holds (migrations/0010_admission_ledger.sql).
 fn stale_key(err: &ApiError) -> bool {
     err.internal
         .as_ref()
         .and_then(|e| e.downcast_ref::<sqlx::Error>())
-        .and_then(|e| e.as_database_error())
-        .is_some_and(|e| e.code().as_deref() == Some("OR001"))
+        .is_some_and(|e| sqlstate(e, "OR001"))
+}
+
+/// Whether `err` is the database error with SQLSTATE `code`.
+fn sqlstate(err: &sqlx::Error, code: &str) -> bool {
+    err.as_database_error()
+        .is_some_and(|e| e.code().as_deref() == Some(code))
 }
 
 fn lost_idempotency_race(err: &ApiError) -> bool {
@@ -400,16 +326,18 @@ fn lost_idempotency_race(err: &ApiError) -> bool {
         .is_some_and(submit::is_idempotency_race)
 }
 
-/// The whole batch in the transaction [`decide`] opened and commits: an
-/// answer per request.
+/// The whole batch: an answer per request.
 ///
-/// Everything a request writes is written before the admission lock is
-/// taken, so the lock is held only to read the ledger, decide, withdraw the
-/// rows of refused requests (rare) and commit, while other API processes
-/// write their batches. The batch's clusters are added to the usage
-/// counters when its statement ends, after the ledger read (a statement
-/// trigger, migrations/0011), so the ledger counts only committed clusters
-/// and the batch is spent in memory.
+/// Keys and `Idempotency-Key` repeats are read first (reads, outside any
+/// transaction). Then the batch is admitted whole by one statement when it
+/// fits within every bound ([`admit_all`], one round trip that commits by
+/// itself); otherwise, near a limit, it is decided request by request in a
+/// transaction: everything a request writes is written before the
+/// admission lock is taken, so the lock is held only to read the ledger,
+/// decide, withdraw the rows of refused requests and commit. The batch's
+/// clusters are added to the usage counters when its statement ends, after
+/// the ledger read (a statement trigger, migrations/0011), so the ledger
+/// counts only committed clusters and the batch is spent in memory.
 async fn decide_and_write(
     app: &App,
     conn: &mut PgConnection,
@@ -463,8 +391,19 @@ async fn decide_and_write(
         }
         return Ok(answered(answers));
     }
+    match admit_all(&mut *conn, &app.config, &written, &rechecks).await {
+        Ok(()) => {
+            for a in &written {
+                answers[a.index] = Some(Ok(a.task.submitted()));
+            }
+            return Ok(answered(answers));
+        }
+        Err(e) if sqlstate(&e, "OR002") => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut tx = conn.begin().await?;
     let users: Vec<Uuid> = written.iter().map(|a| a.caller.user_id).collect();
-    let mut ledger = write_all(&mut *conn, &app.config, &written, &users, &rechecks).await?;
+    let mut ledger = write_all(&mut tx, &app.config, &written, &users, &rechecks).await?;
     let mut refused: Vec<&Admitted<'_>> = Vec::new();
     for a in &written {
         let size = i64::from(a.request.spec.size);
@@ -488,8 +427,9 @@ async fn decide_and_write(
         }
     }
     if !refused.is_empty() {
-        withdraw(&mut *conn, &refused).await?;
+        withdraw(&mut tx, &refused).await?;
     }
+    tx.commit().await?;
     Ok(answered(answers))
 }
 
@@ -644,32 +584,100 @@ async fn write_all(
     users: &[Uuid],
     rechecks: &[Recheck],
 ) -> Result<Ledger, sqlx::Error> {
-    let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
-    let runs = submit::runs_of(&tasks);
-    let clusters_first = 1 + store::RUNS_CTE_PARAMS + submit::TASKS_CTE_PARAMS;
-    let p = store::placeholders(clusters_first + CLUSTERS_CTE_PARAMS, 7);
+    let p = store::placeholders(INSERTS_PARAMS + 1, 7);
     // Every CTE is counted so that all of them have run when the ledger is
     // called with the count (an unread CTE would run after the main query,
     // with the lock held). The remembered keys are re-checked before it
     // (`admission_recheck` fails the statement when one no longer holds).
     let sql = format!(
-        "WITH {}, {}, {}
+        "WITH {}
          SELECT l.* FROM (SELECT (SELECT count(*) FROM new_runs)
                                 + (SELECT count(*) FROM new_tasks) + (SELECT count(*) FROM new_callbacks)
                                 + (SELECT count(*) FROM new_clusters) + (SELECT count(*) FROM new_accounts)
                                 + admission_recheck({}, {}, {}, {})
                                 AS n) w,
                          LATERAL admission_ledger(w.n, {}, {}, {}) l",
-        store::runs_cte(1),
-        submit::tasks_cte(1 + store::RUNS_CTE_PARAMS),
-        clusters_cte(clusters_first),
+        inserts(),
         p[0], p[1], p[2], p[3], p[4], p[5], p[6],
     );
-    let query = store::bind_runs(sqlx::query(&sql), &runs);
-    let query = submit::bind_tasks(query, &tasks);
-    let query = bind_rechecks(bind_clusters(query, written), rechecks);
+    let query = bind_rechecks(bind_inserts(sqlx::query(&sql), written), rechecks);
     let rows = Ledger::bind(query, cfg, users).fetch_all(conn).await?;
     Ledger::from_rows(cfg, &rows)
+}
+
+/// Admit the whole batch at once, outside any transaction: one statement
+/// that re-checks the remembered keys, takes the admission lock, checks that
+/// every request fits (`admission_fits`, migrations/0014_admission_fits.sql)
+/// and writes what [`write_all`] writes, committed as it ends. The main
+/// query runs before the unread insert CTEs, so when a key no longer holds
+/// (OR001) or the batch does not fit (OR002) the statement fails before
+/// writing anything.
+async fn admit_all(
+    conn: &mut PgConnection,
+    cfg: &ApiConfig,
+    written: &[Admitted<'_>],
+    rechecks: &[Recheck],
+) -> Result<(), sqlx::Error> {
+    let p = store::placeholders(INSERTS_PARAMS + 1, 9);
+    let sql = format!(
+        "WITH {}
+         SELECT admission_recheck({}, {}, {}, {}), admission_fits({}, {}, {}, {}, {})",
+        inserts(),
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        p[6],
+        p[7],
+        p[8],
+    );
+    let query = bind_rechecks(bind_inserts(sqlx::query(&sql), written), rechecks);
+    query
+        .bind(written.iter().map(|a| a.caller.user_id).collect::<Vec<_>>())
+        .bind(
+            written
+                .iter()
+                .map(|a| i64::from(a.request.spec.size))
+                .collect::<Vec<_>>(),
+        )
+        .bind(match cfg.provider {
+            crate::app::Provider::Pool => "pool",
+            crate::app::Provider::Local => "local",
+        })
+        .bind(cfg.local_capacity)
+        .bind(cfg.default_quota)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Parameters of [`inserts`].
+const INSERTS_PARAMS: usize =
+    store::RUNS_CTE_PARAMS + submit::TASKS_CTE_PARAMS + CLUSTERS_CTE_PARAMS;
+
+/// The insert CTEs of a batch's rows: runs and task rows ([`submit`]'s
+/// CTEs), clusters and accounts ([`clusters_cte`]), from `$1`.
+fn inserts() -> String {
+    format!(
+        "{}, {}, {}",
+        store::runs_cte(1),
+        submit::tasks_cte(1 + store::RUNS_CTE_PARAMS),
+        clusters_cte(1 + store::RUNS_CTE_PARAMS + submit::TASKS_CTE_PARAMS)
+    )
+}
+
+/// Bind the parameters of [`inserts`] for `written`.
+fn bind_inserts<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    written: &'q [Admitted<'_>],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let tasks: Vec<&Prepared> = written.iter().map(|a| &a.task).collect();
+    let runs = submit::runs_of(&tasks);
+    let query = store::bind_runs(query, &runs);
+    let query = submit::bind_tasks(query, &tasks);
+    bind_clusters(query, written)
 }
 
 /// Bind the four arrays `admission_recheck` takes.
