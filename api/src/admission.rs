@@ -642,10 +642,7 @@ async fn admit_all(
                 .map(|a| i64::from(a.request.spec.size))
                 .collect::<Vec<_>>(),
         )
-        .bind(match cfg.provider {
-            crate::app::Provider::Pool => "pool",
-            crate::app::Provider::Local => "local",
-        })
+        .bind(cfg.provider.name())
         .bind(cfg.local_capacity)
         .bind(cfg.default_quota)
         .execute(conn)

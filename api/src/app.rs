@@ -113,6 +113,17 @@ pub enum Provider {
     Local,
 }
 
+impl Provider {
+    /// Its name, as `ORRERY_PROVIDER` and the quota functions of the
+    /// database take it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Pool => "pool",
+            Provider::Local => "local",
+        }
+    }
+}
+
 impl std::str::FromStr for Provider {
     type Err = String;
 

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use sqlx::{postgres::PgRow, PgConnection, Row};
 use uuid::Uuid;
 
-use crate::app::{ApiConfig, Provider};
+use crate::app::ApiConfig;
 
 /// Everything the decision needs, already read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,10 +170,7 @@ impl Ledger {
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
         query
             .bind(users)
-            .bind(match cfg.provider {
-                Provider::Pool => "pool",
-                Provider::Local => "local",
-            })
+            .bind(cfg.provider.name())
             .bind(cfg.local_capacity)
     }
 
