@@ -10,8 +10,8 @@
 -- inserts:
 --   - users are never deleted (an account is disabled instead), so
 --     tasks.user_id, clusters.owner_id and cluster_users.user_id cannot
---     dangle; every writer takes the id from the caller's key row, read in
---     the same transaction;
+--     dangle; every writer takes the id from the caller's key row, which
+--     the admission statement reads again when the key was remembered;
 --   - clusters are deleted only by admission withdrawing a refused request,
 --     which deletes the request's task (with its run) and its accounts
 --     first, so tasks.cluster_id and cluster_users.cluster_id cannot dangle
