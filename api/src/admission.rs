@@ -307,10 +307,14 @@ async fn decide(
 /// The error `admission_recheck` raises when a remembered key no longer
 /// holds (migrations/0010_admission_ledger.sql).
 fn stale_key(err: &ApiError) -> bool {
+    database_error(err).is_some_and(|e| sqlstate(e, "OR001"))
+}
+
+/// The database error behind `err`, if that is what it is.
+fn database_error(err: &ApiError) -> Option<&sqlx::Error> {
     err.internal
         .as_ref()
         .and_then(|e| e.downcast_ref::<sqlx::Error>())
-        .is_some_and(|e| sqlstate(e, "OR001"))
 }
 
 /// Whether `err` is the database error with SQLSTATE `code`.
@@ -320,10 +324,7 @@ fn sqlstate(err: &sqlx::Error, code: &str) -> bool {
 }
 
 fn lost_idempotency_race(err: &ApiError) -> bool {
-    err.internal
-        .as_ref()
-        .and_then(|e| e.downcast_ref::<sqlx::Error>())
-        .is_some_and(submit::is_idempotency_race)
+    database_error(err).is_some_and(submit::is_idempotency_race)
 }
 
 /// The whole batch: an answer per request.

@@ -11,9 +11,9 @@
 //! refused at once by every API process. Cluster requests are checked by
 //! their admission batch instead: a key this process verified in the last
 //! minute ([`VerifiedKeys`]) is not read before the batch's rows are
-//! prepared, but checked again by the batch's own statement, in its
-//! transaction, which fails (and the batch is checked anew) when any of
-//! them no longer holds; other keys with one query for the batch.
+//! prepared, but checked again by the statement that writes them, which
+//! fails (and the batch is checked anew) when any of them no longer holds;
+//! other keys with one query for the batch.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use base64::Engine as _;
@@ -104,8 +104,9 @@ pub fn basic_header(api_key: &str, api_secret: &str) -> String {
 
 /// An API key as presented in `Authorization`, not yet checked. Cluster
 /// requests carry it to admission, which checks a whole batch's keys with one
-/// query inside its own transaction ([`verify_all`]); other routes check it
-/// at once ([`Credentials::verify`]).
+/// query ([`verify_all`]; a key remembered in [`VerifiedKeys`] is re-checked
+/// by the admission statement instead); other routes check it at once
+/// ([`Credentials::verify`]).
 #[derive(Clone, Debug)]
 pub struct Credentials {
     pub lookup: String,
@@ -210,8 +211,9 @@ pub async fn authenticate(state: &AppState, lookup: &str, secret: &str) -> ApiRe
 }
 
 /// Check `keys` with one query on `conn`: an answer per key, in order.
-/// Reading the key row on every request (no cache) is what refuses a revoked
-/// key at once in every API process. `last_used_at` is written at most once
+/// Reading the key row here, or in the admission statement for a key it
+/// remembered ([`VerifiedKeys`]), is what refuses a revoked key at once in
+/// every API process. `last_used_at` is written at most once
 /// a minute per key, on `pool`, off the request's path.
 pub async fn verify_all(
     conn: &mut sqlx::PgConnection,
